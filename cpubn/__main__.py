@@ -1,0 +1,37 @@
+"""Command line: ``python -m cpubn bench`` (speed on this machine) and
+``python -m cpubn demo`` (the Batch Normalization paper's experiment on digits)."""
+import sys
+
+USAGE = """usage: python -m cpubn COMMAND [options]
+
+commands:
+  bench    measure cpubn against the memory-bandwidth roofline, NumPy and PyTorch
+  demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1)
+  info     print the build: version, OpenMP, threads
+
+'python -m cpubn COMMAND --help' describes a command's options."""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from ._bench import main as bench_main
+        return bench_main(rest)
+    if command == "demo":
+        from .examples.paper_mnist import main as demo_main
+        return demo_main(rest)
+    if command == "info":
+        import cpubn
+        print(f"cpubn {cpubn.__version__}: OpenMP {'on' if cpubn.openmp_enabled() else 'off'}, "
+              f"{cpubn.get_num_threads()} threads")
+        return 0
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

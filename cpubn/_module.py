@@ -1,0 +1,228 @@
+"""The stateful BatchNorm layer: parameters, running statistics, train/eval, gradients.
+
+It validates, calls cpubn._dispatch, and only then touches its state, so a call that
+raises leaves the object exactly as it was.
+"""
+import json
+
+import numpy as np
+
+from . import _dispatch
+from ._validation import (check_batch_stats_possible, check_data, check_eps, check_like,
+                          check_momentum, check_num_features, check_out, check_param_dtype)
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_FORMAT_VERSION = 1
+
+
+class BatchNorm:
+    """Batch Normalization over the feature axis of an N-d array, with PyTorch's semantics.
+
+    ``BatchNorm(C)`` behaves like ``torch.nn.BatchNorm1d/2d/3d(C)`` on channels-first data
+    (``axis=1``); ``axis=-1`` handles channels-last data (NHWC, or (N, C) rows).
+
+    Training mode (the default; ``train()``) normalizes with the batch mean and biased
+    variance and updates ``running_mean`` / ``running_var``:
+    ``running = (1 - momentum) * running + momentum * batch`` using the unbiased batch
+    variance; ``momentum=None`` gives a cumulative average.  Eval mode (``eval()``) uses
+    the running statistics.  With ``track_running_stats=False`` batch statistics are used
+    in both modes.
+
+    ``backward(dy)`` returns dx and adds the parameter gradients into ``grad_weight`` and
+    ``grad_bias`` (``zero_grad()`` clears them).  It keeps a reference to the last forward's
+    input: do not modify that array in place before calling backward.
+
+    Parameters and running statistics are stored in ``dtype``; float32 and float64 inputs
+    are both accepted and the output has the input's dtype, shape and memory order.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32):
+        self.num_features = check_num_features(num_features)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        self.axis = int(axis)
+        self.dtype = check_param_dtype(dtype)
+        self.training = True
+        channels = self.num_features
+        if self.affine:
+            self.weight = np.ones(channels, self.dtype)
+            self.bias = np.zeros(channels, self.dtype)
+            self.grad_weight = np.zeros(channels, self.dtype)
+            self.grad_bias = np.zeros(channels, self.dtype)
+        else:
+            self.weight = self.bias = self.grad_weight = self.grad_bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(channels, self.dtype)
+            self.running_var = np.ones(channels, self.dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None
+
+    # ------------------------------------------------------------------ forward / backward
+    def __call__(self, x, out=None):
+        return self.forward(x, out)
+
+    def forward(self, x, out=None):
+        """Normalize x (features on ``self.axis``); returns y, or ``out`` if given.
+
+        ``out``: an array of x's shape and dtype to write into; it must not overlap x
+        (x is kept for backward)."""
+        x, axis = check_data(x, self.axis, self.num_features)
+        out = check_out(out, x, must_not_overlap=((x, "the input"),))
+        batch_stats = self.training or not self.track_running_stats
+        if batch_stats:
+            check_batch_stats_possible(x, axis)
+            y, saved, batch_var = _dispatch.forward(x, axis, self.weight, self.bias,
+                                                    self.eps, out)
+        else:
+            y, saved, batch_var = _dispatch.forward(x, axis, self.weight, self.bias,
+                                                    self.eps, out, self.running_mean,
+                                                    self.running_var)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            factor = (1.0 / self.num_batches_tracked if self.momentum is None
+                      else self.momentum)
+            _dispatch.update_running_stats(self.running_mean, self.running_var, saved.mean,
+                                           batch_var, x.size // x.shape[axis], factor)
+        self._saved = saved
+        return y
+
+    def backward(self, dy, out=None):
+        """Gradient of the last forward: returns dx and accumulates grad_weight/grad_bias.
+
+        After a training-mode forward the gradient flows through the batch statistics;
+        after an eval-mode forward they are constants.  ``out``: array for dx (dy's
+        shape and dtype); it may be dy itself but must not overlap the saved input."""
+        saved = self._saved
+        if saved is None:
+            raise ValueError("backward() called before any forward(): nothing to "
+                             "differentiate")
+        dy = check_like(dy, saved.layout.shape, saved.x_kernel.dtype, "dy", "the last input")
+        out = check_out(out, dy, may_alias=((dy, "dy"),),
+                        must_not_overlap=((saved.x_kernel, "the saved input"),))
+        dx, grad_weight, grad_bias = _dispatch.backward(dy, saved, self.weight, out)
+        if self.affine:
+            self.grad_weight += grad_weight.astype(self.dtype)
+            self.grad_bias += grad_bias.astype(self.dtype)
+        return dx
+
+    def zero_grad(self):
+        """Set grad_weight and grad_bias to zero."""
+        if self.affine:
+            self.grad_weight[...] = 0
+            self.grad_bias[...] = 0
+
+    # ------------------------------------------------------------------ modes and resets
+    def train(self, mode=True):
+        """Training mode (batch statistics, running-stat updates); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Eval mode (running statistics); returns self."""
+        return self.train(False)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Running statistics to 0 / 1, weight to 1, bias to 0 (as in PyTorch)."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Copies of the state under PyTorch's key names (absent keys: features off)."""
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict (ours, or a torch BatchNorm's converted with .numpy()).
+
+        Every key this layer has is required and no other key is accepted; values are
+        checked (shape (num_features,), float dtype; an integer num_batches_tracked)
+        before anything is copied, so a failed load changes nothing."""
+        expected = set(self._state_keys())
+        given = set(state_dict)
+        missing, unexpected = expected - given, given - expected
+        if missing or unexpected:
+            raise ValueError(f"state dict mismatch: missing keys {sorted(missing)}, "
+                             f"unexpected keys {sorted(unexpected)}")
+        arrays = {}
+        for key in expected - {"num_batches_tracked"}:
+            value = np.asarray(state_dict[key])
+            if value.dtype.kind != "f":
+                raise TypeError(f"state dict entry {key!r} must be a float array, "
+                                f"got dtype {value.dtype}")
+            if value.shape != (self.num_features,):
+                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, "
+                                 f"expected ({self.num_features},)")
+            arrays[key] = value
+        if "num_batches_tracked" in expected:
+            count = np.asarray(state_dict["num_batches_tracked"])
+            if count.shape != () or count.dtype.kind not in "iu":
+                raise TypeError(f"state dict entry 'num_batches_tracked' must be an integer "
+                                f"scalar, got {count.dtype} array of shape {count.shape}")
+            if count < 0:
+                raise ValueError(f"num_batches_tracked must be >= 0, got {int(count)}")
+        for key, value in arrays.items():
+            getattr(self, key)[...] = value
+        if "num_batches_tracked" in expected:
+            self.num_batches_tracked = int(count)
+
+    def _state_keys(self):
+        keys = []
+        if self.affine:
+            keys += ["weight", "bias"]
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def _config(self):
+        return {"num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats, "axis": self.axis,
+                "dtype": self.dtype.name}
+
+    def save(self, path):
+        """Write hyperparameters, mode and state to an .npz file (numpy adds the suffix
+        if path lacks it).  ``BatchNorm.load(path)`` reads it back."""
+        config = dict(self._config(), training=self.training, format=_FORMAT_VERSION)
+        np.savez(path, config=np.array(json.dumps(config)), **self.state_dict())
+
+    @classmethod
+    def load(cls, path):
+        """A new BatchNorm from a file written by ``save``."""
+        with np.load(path, allow_pickle=False) as data:
+            config = json.loads(str(data["config"]))
+            state = {key: data[key] for key in data.files if key != "config"}
+        if config.pop("format", None) != _FORMAT_VERSION:
+            raise ValueError(f"{path}: not a cpubn BatchNorm file of format {_FORMAT_VERSION}")
+        training = config.pop("training")
+        layer = cls(**config)
+        layer.load_state_dict(state)
+        return layer.train(training)
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis})")
+

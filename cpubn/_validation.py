@@ -1,0 +1,158 @@
+"""Every check on user input lives here, and runs before any kernel or state change.
+
+The kernels in src/ trust their preconditions (dtype, contiguity, lengths, no overlap);
+these functions are what makes that trust safe.  Each raises TypeError for a wrong kind
+of value and ValueError for a wrong value, with the offending value in the message.
+"""
+import operator
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(x, name="input"):
+    """x as a float32/float64 ndarray in native byte order (no copy when it already is)."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and other non-array objects
+            raise TypeError(f"{name} must be an array of float32 or float64, "
+                            f"got {type(x).__name__}") from exc
+    dtype = x.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        if dtype.kind == "f" and dtype.itemsize in (4, 8):   # non-native byte order
+            return x.astype(dtype.newbyteorder("="))
+        hint = " (half precision is not supported yet)" if dtype == np.float16 else ""
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}{hint}")
+    return x
+
+
+def normalize_axis(axis, ndim, name="input"):
+    """The feature axis as a non-negative int; the data must have at least 2 dims."""
+    if ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch and features), "
+                         f"got ndim={ndim}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for {name} with ndim={ndim}")
+    return axis % ndim
+
+
+def check_data(x, axis, num_features=None, name="input"):
+    """Validate a data array; return (x as ndarray, non-negative axis)."""
+    x = as_float_array(x, name)
+    axis = normalize_axis(axis, x.ndim, name)
+    if num_features is not None and x.shape[axis] != num_features:
+        raise ValueError(f"{name} has {x.shape[axis]} features on axis {axis} "
+                         f"(shape {x.shape}), expected num_features={num_features}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape})")
+    return x, axis
+
+
+def check_batch_stats_possible(x, axis):
+    """Batch statistics need more than one value per channel, as in PyTorch."""
+    if x.size // x.shape[axis] == 1:
+        raise ValueError(f"expected more than 1 value per channel when using batch "
+                         f"statistics, got input of shape {x.shape} (axis={axis})")
+
+
+def check_like(y, shape, dtype, y_name, x_name):
+    """y must be an array of the given shape and dtype (dy against x)."""
+    y = as_float_array(y, y_name)
+    if y.shape != shape:
+        raise ValueError(f"{y_name} has shape {y.shape}, expected {x_name}'s shape {shape}")
+    if y.dtype != dtype:
+        raise TypeError(f"{y_name} has dtype {y.dtype}, expected {x_name}'s dtype {dtype}")
+    return y
+
+
+def check_out(out, x, name="out", may_alias=(), must_not_overlap=()):
+    """out must be a writeable ndarray with x's shape and dtype.  It may be exactly one of
+    `may_alias` (same memory, same strides: an in-place call) but must not otherwise share
+    memory with those arrays or with any of `must_not_overlap`."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} has shape {out.shape}, expected {x.shape}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {x.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for other, other_name in must_not_overlap:
+        if _overlaps(out, other):
+            raise ValueError(f"{name} overlaps {other_name}; pass a separate array")
+    for other, other_name in may_alias:
+        if _overlaps(out, other) and not _same_memory(out, other):
+            raise ValueError(f"{name} partially overlaps {other_name}; it may only be "
+                             f"{other_name} itself or a separate array")
+    return out
+
+
+def _overlaps(a, b):
+    return np.may_share_memory(a, b) and np.shares_memory(a, b)
+
+
+def _same_memory(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides)
+
+
+def check_channel_array(values, num_features, name):
+    """A per-channel array (weight, bias, running statistics): 1-D, length C, float."""
+    if values is None:
+        return None
+    array = np.asarray(values)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
+    if array.shape != (num_features,):
+        raise ValueError(f"{name} has shape {array.shape}, expected ({num_features},)")
+    return array
+
+
+def check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eps must be a positive float, got {eps!r}")
+    eps = float(eps)
+    if not eps > 0 or eps == float("inf"):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    return eps
+
+
+def check_momentum(momentum, allow_none=True):
+    if momentum is None:
+        if allow_none:
+            return None
+        raise TypeError("momentum must be a float in [0, 1], got None")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating,
+                                                               np.integer)):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def check_num_features(num_features):
+    if isinstance(num_features, bool):
+        raise TypeError(f"num_features must be a positive int, got {num_features!r}")
+    try:
+        num_features = operator.index(num_features)
+    except TypeError:
+        raise TypeError(f"num_features must be a positive int, got {num_features!r}") from None
+    if num_features < 1:
+        raise ValueError(f"num_features must be >= 1, got {num_features}")
+    return num_features
+
+
+def check_param_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype

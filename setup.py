@@ -1,0 +1,127 @@
+"""Build the cpubn Cython/OpenMP extensions.
+
+Environment switches (all optional):
+  CPUBN_FAIL_NO_OPENMP=1  a compiler without OpenMP is an error instead of a serial build (CI sets it)
+  CPUBN_DEBUG=1           Cython bounds/wraparound checks on, -O0 -g: for hunting kernel bugs
+  CPUBN_NATIVE=1          add -march=native (local builds only; the default build is portable and
+                          picks AVX2/AVX-512 loops at run time through function multiversioning)
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+KERNEL_MODULES = ["_forward", "_backward", "_threads"]
+
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+
+def _env_flag(name):
+    return os.environ.get(name, "") not in ("", "0", "false", "False")
+
+
+def _openmp_flag_candidates(compiler_type):
+    """(compile args, link args) to try, most likely first."""
+    if compiler_type == "msvc":
+        return [(["/openmp"], [])]
+    if sys.platform == "darwin":
+        # Apple clang has no -fopenmp driver flag; libomp comes from Homebrew or conda.
+        return [(["-fopenmp"], ["-fopenmp"]),
+                (["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
+    return [(["-fopenmp"], ["-fopenmp"])]
+
+
+def _compiles_and_links(compiler, source, compile_args, link_args):
+    tmp = tempfile.mkdtemp(prefix="cpubn_probe_")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        objects = compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
+        compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=link_args)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExtWithOpenMP(build_ext):
+    """Probe the real compiler for OpenMP once, then add the flags to every extension."""
+
+    def build_extensions(self):
+        compiler_type = self.compiler.compiler_type
+        openmp = None
+        for compile_args, link_args in _openmp_flag_candidates(compiler_type):
+            if _compiles_and_links(self.compiler, OPENMP_PROBE, compile_args, link_args):
+                openmp = (compile_args, link_args)
+                break
+        if openmp is None:
+            message = ("cpubn: the C compiler does not support OpenMP; building a serial version. "
+                       "Install an OpenMP runtime (libgomp / libomp) for multi-threaded kernels.")
+            if _env_flag("CPUBN_FAIL_NO_OPENMP"):
+                raise RuntimeError(message + " (CPUBN_FAIL_NO_OPENMP is set)")
+            warnings.warn(message)
+        for ext in self.extensions:
+            ext.extra_compile_args += _optimization_flags(compiler_type)
+            if openmp is not None:
+                ext.extra_compile_args += openmp[0]
+                ext.extra_link_args += openmp[1]
+        super().build_extensions()
+
+
+def _optimization_flags(compiler_type):
+    if compiler_type == "msvc":
+        return ["/Od", "/Zi"] if _env_flag("CPUBN_DEBUG") else ["/O2"]
+    flags = ["-O0", "-g"] if _env_flag("CPUBN_DEBUG") else ["-O3"]
+    # No contraction of a*b+c into FMA: the same source then gives the same bits on every
+    # instruction-set clone, so results do not depend on which CPU runs them.
+    flags += ["-ffp-contract=off", "-fno-math-errno"]
+    if _env_flag("CPUBN_NATIVE"):
+        flags.append("-march=native")
+    return flags
+
+
+# All Cython directives live here; CPUBN_DEBUG turns the safety checks back on.
+_debug = _env_flag("CPUBN_DEBUG")
+COMPILER_DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": _debug,
+    "wraparound": _debug,
+    "initializedcheck": _debug,
+    "cdivision": True,
+    "nonecheck": False,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        f"cpubn.{name}",
+        [f"src/{name}.pyx"],
+        include_dirs=["src", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    for name in KERNEL_MODULES
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=COMPILER_DIRECTIVES,
+                          include_path=["src"]),
+    cmdclass={"build_ext": BuildExtWithOpenMP},
+)

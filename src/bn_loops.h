@@ -1,0 +1,71 @@
+/* Innermost loops of the cpubn kernels, for float (suffix _f32) and double (suffix _f64).
+ *
+ * Why C and not Cython: the reductions need several independent vector accumulators and
+ * `#pragma omp simd`, which Cython cannot express, and each loop is compiled for AVX-512,
+ * AVX2 and baseline x86-64 and picked at load time (function multiversioning), so a
+ * portable wheel still runs at full vector width.  The loops are written so that every
+ * clone performs the same floating-point operations in the same order: results do not
+ * depend on the instruction set (the build also disables FMA contraction).
+ *
+ * Two layouts, two families:
+ *   run_*  : one contiguous run of one channel (channels-first: x[n, c, 0:S]).
+ *   rows_* : a block of rows of a (rows, C) matrix, per-channel work vectorized over C
+ *            (channels-last).
+ * All reductions accumulate in double.  The templated bodies live in bn_loops_impl.h.
+ */
+#ifndef CPUBN_BN_LOOPS_H
+#define CPUBN_BN_LOOPS_H
+
+#include <stddef.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(CPUBN_NO_CLONES) && !defined(__AVX512F__)
+#define CPUBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CPUBN_CLONES
+#endif
+
+#if defined(_MSC_VER)
+#define CPUBN_RESTRICT __restrict
+#else
+#define CPUBN_RESTRICT __restrict__
+#endif
+
+#if defined(_OPENMP)
+#define CPUBN_SIMD _Pragma("omp simd")
+#else
+#define CPUBN_SIMD
+#endif
+
+/* Independent accumulators per reduction: enough to hide the add latency at AVX-512 width. */
+#define CPUBN_LANES 32
+
+#define CPUBN_CAT_(a, b) a##b
+#define CPUBN_CAT(a, b) CPUBN_CAT_(a, b)
+
+#define T float
+#define SUFFIX _f32
+#include "bn_loops_impl.h"
+#undef T
+#undef SUFFIX
+
+#define T double
+#define SUFFIX _f64
+#include "bn_loops_impl.h"
+#undef T
+#undef SUFFIX
+
+/* Chan et al. merge of a partial (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
+ * Stable for any offset: it only ever combines deviations from means. */
+static inline void chan_merge(double *count_a, double *mean_a, double *m2_a,
+                              double count_b, double mean_b, double m2_b)
+{
+    double count = *count_a + count_b;
+    double delta = mean_b - *mean_a;
+    double weight_b = count_b / count;
+    *mean_a += delta * weight_b;
+    *m2_a += m2_b + delta * delta * (*count_a) * weight_b;
+    *count_a = count;
+}
+
+#endif

@@ -1,0 +1,169 @@
+/* Templated body of bn_loops.h: included once with T=float, SUFFIX=_f32 and once with
+ * T=double, SUFFIX=_f64.  No include guard on purpose. */
+
+#define FN(name) CPUBN_CAT(name, SUFFIX)
+
+/* Sum of CPUBN_LANES accumulators in a fixed pairwise order. */
+static inline double FN(lanes_total)(const double *acc)
+{
+    double partial[CPUBN_LANES];
+    for (int j = 0; j < CPUBN_LANES; j++) partial[j] = acc[j];
+    for (int width = CPUBN_LANES / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) partial[j] += partial[j + width];
+    return partial[0];
+}
+
+/* Mean and sum of squared deviations (m2) of x[0:n], n >= 1.  Two passes: the second
+ * re-reads the run from cache, and subtracting the mean first keeps m2 exact for data
+ * with a large offset, where E[x^2] - E[x]^2 would cancel. */
+CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
+                                         double *mean_out, double *m2_out)
+{
+    double acc[CPUBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) acc[j] += (double)x[i + j];
+    }
+    double tail = 0.0;
+    for (; i < n; i++) tail += (double)x[i];
+    double mean = (FN(lanes_total)(acc) + tail) / (double)n;
+
+    double sq[CPUBN_LANES] = {0};
+    i = 0;
+    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) {
+            double d = (double)x[i + j] - mean;
+            sq[j] += d * d;
+        }
+    }
+    double sq_tail = 0.0;
+    for (; i < n; i++) {
+        double d = (double)x[i] - mean;
+        sq_tail += d * d;
+    }
+    *mean_out = mean;
+    *m2_out = FN(lanes_total)(sq) + sq_tail;
+}
+
+/* y = (x - mean_hi) * scale + shift.  For float, mean_hi is the float nearest the double
+ * mean and shift carries the remainder (see channel constants in _forward.pyx), so the
+ * subtraction is exact for data near its mean however large the offset. */
+CPUBN_CLONES static void FN(run_normalize)(const T *CPUBN_RESTRICT x, T *CPUBN_RESTRICT y,
+                                           ptrdiff_t n, T mean_hi, T scale, T shift)
+{
+    CPUBN_SIMD
+    for (ptrdiff_t i = 0; i < n; i++) y[i] = (x[i] - mean_hi) * scale + shift;
+}
+
+/* sum(dy) and sum(dy * (x - mean)) over a run, accumulated in double. */
+CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                           ptrdiff_t n, double mean,
+                                           double *sum_dy_out, double *sum_dy_xmu_out)
+{
+    double acc_dy[CPUBN_LANES] = {0};
+    double acc_dy_xmu[CPUBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) {
+            double g = (double)dy[i + j];
+            acc_dy[j] += g;
+            acc_dy_xmu[j] += g * ((double)x[i + j] - mean);
+        }
+    }
+    double tail_dy = 0.0, tail_dy_xmu = 0.0;
+    for (; i < n; i++) {
+        double g = (double)dy[i];
+        tail_dy += g;
+        tail_dy_xmu += g * ((double)x[i] - mean);
+    }
+    *sum_dy_out = FN(lanes_total)(acc_dy) + tail_dy;
+    *sum_dy_xmu_out = FN(lanes_total)(acc_dy_xmu) + tail_dy_xmu;
+}
+
+/* dx = dy * k + (x - mean_hi) * a + b: the training-mode input gradient with all
+ * per-channel terms folded into three constants. */
+CPUBN_CLONES static void FN(run_input_grad)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                            T *CPUBN_RESTRICT dx, ptrdiff_t n,
+                                            T k, T a, T mean_hi, T b)
+{
+    CPUBN_SIMD
+    for (ptrdiff_t i = 0; i < n; i++) dx[i] = dy[i] * k + (x[i] - mean_hi) * a + b;
+}
+
+/* Per-channel mean and m2 of a block x[0:rows, 0:C] (row-major), two passes like
+ * run_mean_m2; the channel loop is the vector loop. */
+CPUBN_CLONES static void FN(rows_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t rows, ptrdiff_t C,
+                                          double *CPUBN_RESTRICT mean, double *CPUBN_RESTRICT m2)
+{
+    for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *row = x + r * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) mean[c] += (double)row[c];
+    }
+    double inv_rows = 1.0 / (double)rows;
+    for (ptrdiff_t c = 0; c < C; c++) mean[c] *= inv_rows;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *row = x + r * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double d = (double)row[c] - mean[c];
+            m2[c] += d * d;
+        }
+    }
+}
+
+CPUBN_CLONES static void FN(rows_normalize)(const T *CPUBN_RESTRICT x, T *CPUBN_RESTRICT y,
+                                            ptrdiff_t rows, ptrdiff_t C,
+                                            const T *CPUBN_RESTRICT mean_hi,
+                                            const T *CPUBN_RESTRICT scale,
+                                            const T *CPUBN_RESTRICT shift)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *xr = x + r * C;
+        T *yr = y + r * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) yr[c] = (xr[c] - mean_hi[c]) * scale[c] + shift[c];
+    }
+}
+
+/* Per-channel sum(dy) and sum(dy * (x - mean)) of a block of rows (overwrites the sums). */
+CPUBN_CLONES static void FN(rows_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                            ptrdiff_t rows, ptrdiff_t C,
+                                            const double *CPUBN_RESTRICT mean,
+                                            double *CPUBN_RESTRICT sum_dy,
+                                            double *CPUBN_RESTRICT sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < C; c++) { sum_dy[c] = 0.0; sum_dy_xmu[c] = 0.0; }
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *gr = dy + r * C;
+        const T *xr = x + r * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double g = (double)gr[c];
+            sum_dy[c] += g;
+            sum_dy_xmu[c] += g * ((double)xr[c] - mean[c]);
+        }
+    }
+}
+
+CPUBN_CLONES static void FN(rows_input_grad)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                             T *CPUBN_RESTRICT dx, ptrdiff_t rows, ptrdiff_t C,
+                                             const T *CPUBN_RESTRICT k, const T *CPUBN_RESTRICT a,
+                                             const T *CPUBN_RESTRICT mean_hi,
+                                             const T *CPUBN_RESTRICT b)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *gr = dy + r * C;
+        const T *xr = x + r * C;
+        T *dxr = dx + r * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++)
+            dxr[c] = gr[c] * k[c] + (xr[c] - mean_hi[c]) * a[c] + b[c];
+    }
+}
+
+#undef FN

@@ -1,0 +1,46 @@
+# The work partition shared by every kernel.
+#
+# Reductions are split into partials whose boundaries depend only on the array's shape,
+# never on the thread count, and partials are always combined in the same order.  The
+# threads only decide who computes which partial, so every result is bitwise identical
+# whatever the number of threads.
+
+cdef enum:
+    # Channels-first: a run x[n, c, :] longer than this is reduced in chunks of this many
+    # elements (64 KiB of float32: the second pass of a chunk reads from L1/L2).
+    RUN_CHUNK = 16384
+    # Channels-last: a block of rows holds about this many elements (rows * C).
+    ROW_BLOCK_ELEMS = 16384
+
+
+cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
+    return (S + RUN_CHUNK - 1) // RUN_CHUNK
+
+
+cdef inline Py_ssize_t chunk_length(Py_ssize_t S, Py_ssize_t k) noexcept nogil:
+    cdef Py_ssize_t rest = S - k * RUN_CHUNK
+    return RUN_CHUNK if rest > RUN_CHUNK else rest
+
+
+cdef inline Py_ssize_t rows_per_block(Py_ssize_t C) noexcept nogil:
+    return ROW_BLOCK_ELEMS // C if C < ROW_BLOCK_ELEMS else 1
+
+
+cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil:
+    return (R + rows - 1) // rows
+
+
+cdef inline Py_ssize_t block_rows(Py_ssize_t R, Py_ssize_t rows, Py_ssize_t b) noexcept nogil:
+    cdef Py_ssize_t rest = R - b * rows
+    return rows if rest > rows else rest
+
+
+cdef inline double ordered_sum(const double* values, Py_ssize_t count,
+                               Py_ssize_t stride) noexcept nogil:
+    # Partials are always added in index order: the fixed combination order that makes
+    # results independent of the thread count.
+    cdef double total = 0.0
+    cdef Py_ssize_t i
+    for i in range(count):
+        total += values[i * stride]
+    return total
