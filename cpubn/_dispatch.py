@@ -1,26 +1,34 @@
-"""Run the compiled kernels on validated arrays: pick the layout's kernel, the thread
-count and the output buffer.  No validation here (see _validation) and no state (see
-_module); the only per-call work in Python is choosing views and allocating outputs.
+"""Run the compiled kernels on validated arrays: pick the layout, the thread count and the
+output buffer.  No validation of user input here (see _validation) and no state (see
+_module); the per-call work in Python is choosing views and allocating outputs.
 """
 import numpy as np
 
 from . import _backward, _forward
 from ._layout import plan
-from ._thread_control import threads_for
-
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
-          np.dtype(np.float64): np.empty(0, np.float64)}
+from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
 
 
-def _param_arrays(x_dtype, *arrays):
-    """Per-channel arrays as contiguous arrays of one float dtype (the kernels' param_t);
-    None becomes an empty array, which the kernels read as gamma = 1 / beta = 0."""
-    present = [a for a in arrays if a is not None]
-    dtype = present[0].dtype if present else x_dtype
-    if dtype not in _EMPTY:
+def _threads_for(n_elements):
+    return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
+
+
+def _param_arrays(channels, x_dtype, *arrays):
+    """Per-channel arrays as contiguous arrays of one float dtype, as the kernels require
+    (None stays None: gamma = 1, beta = 0).  Guards the kernels against attributes a user
+    replaced with arrays of another length, dtype or memory layout."""
+    dtype = next((a.dtype for a in arrays if a is not None), x_dtype)
+    if dtype != np.float32:
         dtype = np.dtype(np.float64)
-    return [_EMPTY[dtype] if a is None else np.ascontiguousarray(a, dtype=dtype)
-            for a in arrays]
+    converted = []
+    for a in arrays:
+        if a is not None:
+            if a.shape != (channels,):
+                raise ValueError(f"per-channel array has shape {a.shape}, expected ({channels},)")
+            if not (a.dtype == dtype and a.flags.c_contiguous):
+                a = np.ascontiguousarray(a, dtype=dtype)
+        converted.append(a)
+    return converted
 
 
 def _output(x, layout, out):
@@ -42,69 +50,79 @@ def _finish(kernel_out, layout, out):
 
 
 class Saved:
-    """What a backward needs from its forward: the input's kernel view and layout, and the
-    float64 statistics that were used."""
+    """What a backward needs from its forward: the input's kernel view, its layout, and
+    the float64 statistics used (stats = [mean, invstd(, batch variance)] back to back)."""
 
-    __slots__ = ("x_kernel", "layout", "mean", "invstd", "batch_stats")
+    __slots__ = ("x_kernel", "layout", "stats", "batch_stats")
 
-    def __init__(self, x_kernel, layout, mean, invstd, batch_stats):
+    def __init__(self, x_kernel, layout, stats, batch_stats):
         self.x_kernel = x_kernel
         self.layout = layout
-        self.mean = mean
-        self.invstd = invstd
+        self.stats = stats
         self.batch_stats = batch_stats
+
+    @property
+    def channels(self):
+        return self.layout.kernel_shape[1]
+
+    @property
+    def mean(self):
+        return self.stats[:self.channels]
+
+    @property
+    def invstd(self):
+        return self.stats[self.channels:2 * self.channels]
+
+    @property
+    def batch_var(self):
+        """Biased batch variance (batch-statistics forwards only)."""
+        return self.stats[2 * self.channels:]
 
 
 def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None):
-    """Normalize x with batch statistics (running_mean is None) or the given ones.
-
-    Returns (y, saved, batch_var) with batch_var the biased float64 batch variance, or
-    None when the given statistics were used."""
+    """Normalize x with batch statistics (running_mean is None) or the given ones;
+    returns (y, Saved)."""
     layout = plan(x, axis)
     x_kernel = layout.kernel_view(x)
     y_kernel, out = _output(x, layout, out)
-    channels = layout.kernel_shape[1]
-    mean = np.empty(channels)
-    invstd = np.empty(channels)
-    n_threads = threads_for(x.size)
+    n, channels, s = layout.kernel_dims
+    n_threads = _threads_for(x.size)
     if running_mean is None:
-        batch_var = np.empty(channels)
-        weight, bias = _param_arrays(x.dtype, weight, bias)
-        kernel = _forward.forward_train_nhwc if layout.channels_last else _forward.forward_train_nchw
-        kernel(x_kernel, y_kernel, weight, bias, eps, mean, invstd, batch_var, n_threads)
+        stats = np.empty(3 * channels)
+        weight, bias = _param_arrays(channels, x.dtype, weight, bias)
+        _forward.forward_train(x_kernel, y_kernel, weight, bias, eps, stats, n, channels, s,
+                               n_threads)
     else:
-        batch_var = None
+        stats = np.empty(2 * channels)
         running_mean, running_var, weight, bias = _param_arrays(
-            x.dtype, running_mean, running_var, weight, bias)
-        kernel = _forward.forward_eval_nhwc if layout.channels_last else _forward.forward_eval_nchw
-        kernel(x_kernel, y_kernel, running_mean, running_var, weight, bias, eps, mean, invstd,
-               n_threads)
-    saved = Saved(x_kernel, layout, mean, invstd, batch_var is not None)
-    return _finish(y_kernel, layout, out), saved, batch_var
+            channels, x.dtype, running_mean, running_var, weight, bias)
+        _forward.forward_eval(x_kernel, y_kernel, running_mean, running_var, weight, bias,
+                              eps, stats, n, channels, s, n_threads)
+    return _finish(y_kernel, layout, out), Saved(x_kernel, layout, stats,
+                                                running_mean is None)
 
 
 def backward(dy, saved, weight, out):
-    """(dx, grad_weight, grad_bias) for the forward that produced `saved`; the gradients
-    are float64 arrays of length C."""
+    """(dx, grads) for the forward that produced `saved`; grads is a float64 array
+    holding grad_weight[C] then grad_bias[C]."""
     layout = saved.layout
     dy_kernel = layout.kernel_view(dy)
     dx_kernel, out = _output(dy, layout, out)
-    channels = layout.kernel_shape[1]
-    grad_weight = np.empty(channels)
-    grad_bias = np.empty(channels)
-    (weight,) = _param_arrays(dy.dtype, weight)
-    kernel = _backward.backward_nhwc if layout.channels_last else _backward.backward_nchw
-    kernel(dy_kernel, saved.x_kernel, dx_kernel, saved.mean, saved.invstd, weight,
-           saved.batch_stats, grad_weight, grad_bias, threads_for(dy.size))
-    return _finish(dx_kernel, layout, out), grad_weight, grad_bias
+    n, channels, s = layout.kernel_dims
+    grads = np.empty(2 * channels)
+    (weight,) = _param_arrays(channels, dy.dtype, weight)
+    _backward.backward(dy_kernel, saved.x_kernel, dx_kernel, saved.stats, weight,
+                       saved.batch_stats, grads, n, channels, s, _threads_for(dy.size))
+    return _finish(dx_kernel, layout, out), grads
 
 
-def update_running_stats(running_mean, running_var, batch_mean, batch_var, count, factor):
+def update_running_stats(running_mean, running_var, saved, count, factor):
     """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
     variance for running_var (PyTorch's convention).  Computed in float64, rounded once."""
-    unbiased_var = batch_var * (count / (count - 1))
     if running_mean is not None:
         running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
-                             + factor * batch_mean)
+                             + factor * saved.mean)
     if running_var is not None:
-        running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased_var
+        unbiased_var = saved.batch_var * (count / (count - 1))
+        running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
+                            + factor * unbiased_var)

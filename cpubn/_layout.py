@@ -6,6 +6,8 @@ order is handled without a copy by permuting the axes into memory order first (s
 F-ordered or NHWC-strided array is as fast as a C-ordered one), and outputs are created
 in the input's memory order.  Only arrays with gaps or negative strides are copied.
 """
+import math
+
 import numpy as np
 
 
@@ -22,8 +24,10 @@ class Layout:
         self.kernel_shape = kernel_shape  # (N, C, S) or (R, C)
 
     @property
-    def channels_last(self):
-        return len(self.kernel_shape) == 2
+    def kernel_dims(self):
+        """(N, C, S) for the kernels; S == 1 means channels-last rows."""
+        shape = self.kernel_shape
+        return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
 
     def kernel_view(self, a):
         """a (of the user's shape) as a C-contiguous kernel-shaped array; a copy only if
@@ -59,8 +63,8 @@ def plan(x, axis):
             perm = None                   # not dense in any order: kernel_view copies
     dense_shape = x.shape if perm is None else tuple(x.shape[a] for a in perm)
     dense_axis = axis if perm is None else perm.index(axis)
-    outer = int(np.prod(dense_shape[:dense_axis], dtype=np.int64))
+    outer = math.prod(dense_shape[:dense_axis])
     channels = dense_shape[dense_axis]
-    inner = int(np.prod(dense_shape[dense_axis + 1:], dtype=np.int64))
+    inner = math.prod(dense_shape[dense_axis + 1:])
     kernel_shape = (outer, channels) if inner == 1 else (outer, channels, inner)
     return Layout(x.shape, perm, dense_shape, kernel_shape)

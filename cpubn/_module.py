@@ -78,18 +78,16 @@ class BatchNorm:
         batch_stats = self.training or not self.track_running_stats
         if batch_stats:
             check_batch_stats_possible(x, axis)
-            y, saved, batch_var = _dispatch.forward(x, axis, self.weight, self.bias,
-                                                    self.eps, out)
+            y, saved = _dispatch.forward(x, axis, self.weight, self.bias, self.eps, out)
         else:
-            y, saved, batch_var = _dispatch.forward(x, axis, self.weight, self.bias,
-                                                    self.eps, out, self.running_mean,
-                                                    self.running_var)
+            y, saved = _dispatch.forward(x, axis, self.weight, self.bias, self.eps, out,
+                                         self.running_mean, self.running_var)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / self.num_batches_tracked if self.momentum is None
                       else self.momentum)
-            _dispatch.update_running_stats(self.running_mean, self.running_var, saved.mean,
-                                           batch_var, x.size // x.shape[axis], factor)
+            _dispatch.update_running_stats(self.running_mean, self.running_var, saved,
+                                           x.size // x.shape[axis], factor)
         self._saved = saved
         return y
 
@@ -106,10 +104,11 @@ class BatchNorm:
         dy = check_like(dy, saved.layout.shape, saved.x_kernel.dtype, "dy", "the last input")
         out = check_out(out, dy, may_alias=((dy, "dy"),),
                         must_not_overlap=((saved.x_kernel, "the saved input"),))
-        dx, grad_weight, grad_bias = _dispatch.backward(dy, saved, self.weight, out)
+        dx, grads = _dispatch.backward(dy, saved, self.weight, out)
         if self.affine:
-            self.grad_weight += grad_weight.astype(self.dtype)
-            self.grad_bias += grad_bias.astype(self.dtype)
+            channels = self.num_features
+            self.grad_weight += grads[:channels]
+            self.grad_bias += grads[channels:]
         return dx
 
     def zero_grad(self):

@@ -44,15 +44,14 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     out = check_out(out, x, may_alias=((x, "the input"),))
     if training:
         check_batch_stats_possible(x, axis)
-        y, saved, batch_var = _dispatch.forward(x, axis, weight, bias, eps, out)
-        count = x.size // channels
-        _dispatch.update_running_stats(running_mean, running_var, saved.mean, batch_var,
-                                       count, momentum)
+        y, saved = _dispatch.forward(x, axis, weight, bias, eps, out)
+        _dispatch.update_running_stats(running_mean, running_var, saved, x.size // channels,
+                                       momentum)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        y, saved, _ = _dispatch.forward(x, axis, weight, bias, eps, out,
-                                        running_mean, running_var)
+        y, saved = _dispatch.forward(x, axis, weight, bias, eps, out, running_mean,
+                                     running_var)
     return y, saved.mean, saved.invstd
 
 
@@ -84,10 +83,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     weight = check_channel_array(weight, channels, "weight")
     out = check_out(out, dy, may_alias=((dy, "dy"),), must_not_overlap=((x, "x"),))
     layout = plan(x, axis)
-    saved = _dispatch.Saved(layout.kernel_view(x), layout,
-                            np.ascontiguousarray(save_mean, dtype=np.float64),
-                            np.ascontiguousarray(save_invstd, dtype=np.float64),
-                            bool(training))
-    dx, dweight, dbias = _dispatch.backward(dy, saved, weight, out)
+    stats = np.concatenate([save_mean, save_invstd]).astype(np.float64, copy=False)
+    saved = _dispatch.Saved(layout.kernel_view(x), layout, stats, bool(training))
+    dx, grads = _dispatch.backward(dy, saved, weight, out)
     grad_dtype = weight.dtype if weight is not None else x.dtype
-    return dx, dweight.astype(grad_dtype), dbias.astype(grad_dtype)
+    return dx, grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)

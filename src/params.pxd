@@ -1,4 +1,7 @@
-# Per-channel parameters as the kernels see them.
+# Per-channel parameters and arrays as the kernels see them, and the entry-point helpers
+# that turn validated ndarrays into typed pointers.
+cimport numpy as cnp
+
 
 ctypedef fused param_t:
     # dtype of weight, bias and running statistics (the BatchNorm object's dtype), which
@@ -7,10 +10,30 @@ ctypedef fused param_t:
     double
 
 
-# An empty weight or bias stands for "affine=False": gamma = 1, beta = 0.
-cdef inline double gamma_of(const param_t[::1] weight, Py_ssize_t c) noexcept nogil:
-    return <double>weight[c] if weight.shape[0] != 0 else 1.0
+# A NULL weight or bias stands for "affine=False": gamma = 1, beta = 0.
+cdef inline double gamma_of(const param_t* weight, Py_ssize_t c) noexcept nogil:
+    return <double>weight[c] if weight != NULL else 1.0
 
 
-cdef inline double beta_of(const param_t[::1] bias, Py_ssize_t c) noexcept nogil:
-    return <double>bias[c] if bias.shape[0] != 0 else 0.0
+cdef inline double beta_of(const param_t* bias, Py_ssize_t c) noexcept nogil:
+    return <double>bias[c] if bias != NULL else 0.0
+
+
+# Entry points receive ndarrays that cpubn._validation and cpubn._dispatch have checked
+# (dtype, C-contiguity, lengths), so they read data pointers directly: no buffer or
+# memoryview acquisition, which would cost more than a small kernel itself.
+cdef inline void* data_of(object array):
+    return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef inline bint is_float32(object array):
+    return cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_FLOAT32
+
+
+cdef inline bint params_float32(object first, object second):
+    # The per-channel arrays of one call share a dtype; float when none is given.
+    if first is not None:
+        return is_float32(first)
+    if second is not None:
+        return is_float32(second)
+    return True
