@@ -31,39 +31,40 @@ def _param_arrays(channels, x_dtype, *arrays):
     return converted
 
 
-def _output(x, layout, out):
-    """(kernel-shaped buffer to write, array to return).  With an `out` whose memory
-    order differs from x's, the kernel writes a temporary that is then copied into out."""
+def _output(dtype, layout, out):
+    """The dense buffer the kernel writes.  With an `out` whose memory order differs from
+    the input's, that is a temporary, copied into out by _finish."""
     if out is not None:
-        view = layout.kernel_view_or_none(out)
-        if view is not None:
-            return view, out
-    return layout.new_kernel_array(x.dtype), out
+        dense = layout.dense_or_none(out)
+        if dense is not None:
+            return dense
+    return layout.new_dense(dtype)
 
 
-def _finish(kernel_out, layout, out):
+def _finish(dense_out, layout, out):
     if out is None:
-        return layout.to_user(kernel_out)
-    if layout.kernel_view_or_none(out) is None:
-        np.copyto(out, layout.to_user(kernel_out))
+        return layout.to_user(dense_out)
+    if layout.dense_or_none(out) is None:
+        np.copyto(out, layout.to_user(dense_out))
     return out
 
 
 class Saved:
-    """What a backward needs from its forward: the input's kernel view, its layout, and
-    the float64 statistics used (stats = [mean, invstd(, batch variance)] back to back)."""
+    """What a backward needs from its forward: the input (dense, in its layout's memory
+    order), the layout, and the float64 statistics used (stats = [mean, invstd(, biased
+    batch variance)] back to back)."""
 
-    __slots__ = ("x_kernel", "layout", "stats", "batch_stats")
+    __slots__ = ("x_dense", "layout", "stats", "batch_stats")
 
-    def __init__(self, x_kernel, layout, stats, batch_stats):
-        self.x_kernel = x_kernel
+    def __init__(self, x_dense, layout, stats, batch_stats):
+        self.x_dense = x_dense
         self.layout = layout
         self.stats = stats
         self.batch_stats = batch_stats
 
     @property
     def channels(self):
-        return self.layout.kernel_shape[1]
+        return self.layout.kernel_dims[1]
 
     @property
     def mean(self):
@@ -83,37 +84,36 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
     """Normalize x with batch statistics (running_mean is None) or the given ones;
     returns (y, Saved)."""
     layout = plan(x, axis)
-    x_kernel = layout.kernel_view(x)
-    y_kernel, out = _output(x, layout, out)
+    x_dense = layout.dense(x)
+    y_dense = _output(x.dtype, layout, out)
     n, channels, s = layout.kernel_dims
     n_threads = _threads_for(x.size)
     if running_mean is None:
         stats = np.empty(3 * channels)
         weight, bias = _param_arrays(channels, x.dtype, weight, bias)
-        _forward.forward_train(x_kernel, y_kernel, weight, bias, eps, stats, n, channels, s,
+        _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
                                n_threads)
     else:
         stats = np.empty(2 * channels)
         running_mean, running_var, weight, bias = _param_arrays(
             channels, x.dtype, running_mean, running_var, weight, bias)
-        _forward.forward_eval(x_kernel, y_kernel, running_mean, running_var, weight, bias,
+        _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
                               eps, stats, n, channels, s, n_threads)
-    return _finish(y_kernel, layout, out), Saved(x_kernel, layout, stats,
-                                                running_mean is None)
+    return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None)
 
 
 def backward(dy, saved, weight, out):
     """(dx, grads) for the forward that produced `saved`; grads is a float64 array
     holding grad_weight[C] then grad_bias[C]."""
     layout = saved.layout
-    dy_kernel = layout.kernel_view(dy)
-    dx_kernel, out = _output(dy, layout, out)
+    dy_dense = layout.dense(dy)
+    dx_dense = _output(dy.dtype, layout, out)
     n, channels, s = layout.kernel_dims
     grads = np.empty(2 * channels)
     (weight,) = _param_arrays(channels, dy.dtype, weight)
-    _backward.backward(dy_kernel, saved.x_kernel, dx_kernel, saved.stats, weight,
+    _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
                        saved.batch_stats, grads, n, channels, s, _threads_for(dy.size))
-    return _finish(dx_kernel, layout, out), grads
+    return _finish(dx_dense, layout, out), grads
 
 
 def update_running_stats(running_mean, running_var, saved, count, factor):

@@ -1,58 +1,63 @@
-"""Map an N-d array with a feature axis onto the kernels' two views.
+"""Map an N-d array with a feature axis onto the kernels' view of it.
 
-Kernels see C-contiguous memory only: channels-first as (N, C, S) with S the product of
-the dims after the feature axis, channels-last (S == 1) as (R, C).  Any dense memory
-order is handled without a copy by permuting the axes into memory order first (so an
-F-ordered or NHWC-strided array is as fast as a C-ordered one), and outputs are created
+Kernels see C-contiguous memory as (N, C, S): channels-first with S the product of the
+dims after the feature axis, channels-last when S == 1 (then N counts rows).  Any dense
+memory order is handled without a copy by permuting the axes into memory order first (so
+an F-ordered or NHWC-strided array is as fast as a C-ordered one), and outputs are created
 in the input's memory order.  Only arrays with gaps or negative strides are copied.
 """
 import math
 
 import numpy as np
 
+_CACHE_SIZE = 256
+_cache = {}
+
 
 class Layout:
-    """How the user's array maps onto a kernel view (shape-only, no data)."""
+    """How arrays of one shape, memory order and feature axis map onto the kernels."""
 
-    __slots__ = ("shape", "perm", "inverse", "dense_shape", "kernel_shape")
+    __slots__ = ("shape", "perm", "inverse", "dense_shape", "kernel_dims")
 
-    def __init__(self, shape, perm, dense_shape, kernel_shape):
+    def __init__(self, shape, perm, dense_shape, kernel_dims):
         self.shape = shape                # the user's shape
-        self.perm = perm                  # axes in memory order, None = already C order
+        self.perm = perm                  # axes in memory order; None = already C order
         self.inverse = None if perm is None else tuple(np.argsort(perm))
         self.dense_shape = dense_shape    # shape after the permutation (C-contiguous)
-        self.kernel_shape = kernel_shape  # (N, C, S) or (R, C)
+        self.kernel_dims = kernel_dims    # (N, C, S); S == 1 means channels-last rows
 
-    @property
-    def kernel_dims(self):
-        """(N, C, S) for the kernels; S == 1 means channels-last rows."""
-        shape = self.kernel_shape
-        return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
-
-    def kernel_view(self, a):
-        """a (of the user's shape) as a C-contiguous kernel-shaped array; a copy only if
-        a's memory is not dense in this layout's order."""
+    def dense(self, a):
+        """a (of the user's shape) permuted into this layout's memory order, C-contiguous;
+        a copy only if a's memory is not dense in that order."""
         dense = a if self.perm is None else a.transpose(self.perm)
-        if not dense.flags.c_contiguous:
-            dense = np.ascontiguousarray(dense)
-        return dense.reshape(self.kernel_shape)
+        return dense if dense.flags.c_contiguous else np.ascontiguousarray(dense)
 
-    def kernel_view_or_none(self, a):
-        """Like kernel_view but None instead of a copy (for outputs written in place)."""
+    def dense_or_none(self, a):
+        """Like dense but None instead of a copy (for outputs written in place)."""
         dense = a if self.perm is None else a.transpose(self.perm)
-        return dense.reshape(self.kernel_shape) if dense.flags.c_contiguous else None
+        return dense if dense.flags.c_contiguous else None
 
-    def to_user(self, kernel_array):
-        """A kernel-shaped array back in the user's shape and memory order (a view)."""
-        dense = kernel_array.reshape(self.dense_shape)
+    def to_user(self, dense):
+        """A dense array back in the user's axis order (a view, in the input's memory order)."""
         return dense if self.perm is None else dense.transpose(self.inverse)
 
-    def new_kernel_array(self, dtype):
-        return np.empty(self.kernel_shape, dtype=dtype)
+    def new_dense(self, dtype):
+        return np.empty(self.dense_shape, dtype=dtype)
 
 
 def plan(x, axis):
-    """The Layout for array x (validated: ndim >= 2, 0 <= axis < ndim, non-empty)."""
+    """The Layout for array x (validated: ndim >= 2, 0 <= axis < ndim, non-empty).
+    Layouts are cached by (shape, strides, axis): a training loop plans once."""
+    key = (x.shape, x.strides, axis)
+    layout = _cache.get(key)
+    if layout is None:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        layout = _cache[key] = _make_layout(x, axis)
+    return layout
+
+
+def _make_layout(x, axis):
     if x.flags.c_contiguous:
         perm = None
     elif x.flags.f_contiguous:
@@ -60,11 +65,9 @@ def plan(x, axis):
     else:
         perm = tuple(sorted(range(x.ndim), key=lambda a: (-x.strides[a], a)))
         if not x.transpose(perm).flags.c_contiguous:
-            perm = None                   # not dense in any order: kernel_view copies
+            perm = None                   # not dense in any order: dense() copies
     dense_shape = x.shape if perm is None else tuple(x.shape[a] for a in perm)
     dense_axis = axis if perm is None else perm.index(axis)
-    outer = math.prod(dense_shape[:dense_axis])
-    channels = dense_shape[dense_axis]
-    inner = math.prod(dense_shape[dense_axis + 1:])
-    kernel_shape = (outer, channels) if inner == 1 else (outer, channels, inner)
-    return Layout(x.shape, perm, dense_shape, kernel_shape)
+    kernel_dims = (math.prod(dense_shape[:dense_axis]), dense_shape[dense_axis],
+                   math.prod(dense_shape[dense_axis + 1:]))
+    return Layout(x.shape, perm, dense_shape, kernel_dims)

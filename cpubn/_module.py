@@ -101,9 +101,9 @@ class BatchNorm:
         if saved is None:
             raise ValueError("backward() called before any forward(): nothing to "
                              "differentiate")
-        dy = check_like(dy, saved.layout.shape, saved.x_kernel.dtype, "dy", "the last input")
+        dy = check_like(dy, saved.layout.shape, saved.x_dense.dtype, "dy", "the last input")
         out = check_out(out, dy, may_alias=((dy, "dy"),),
-                        must_not_overlap=((saved.x_kernel, "the saved input"),))
+                        must_not_overlap=((saved.x_dense, "the saved input"),))
         dx, grads = _dispatch.backward(dy, saved, self.weight, out)
         if self.affine:
             channels = self.num_features

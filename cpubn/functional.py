@@ -84,7 +84,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     out = check_out(out, dy, may_alias=((dy, "dy"),), must_not_overlap=((x, "x"),))
     layout = plan(x, axis)
     stats = np.concatenate([save_mean, save_invstd]).astype(np.float64, copy=False)
-    saved = _dispatch.Saved(layout.kernel_view(x), layout, stats, bool(training))
+    saved = _dispatch.Saved(layout.dense(x), layout, stats, bool(training))
     dx, grads = _dispatch.backward(dy, saved, weight, out)
     grad_dtype = weight.dtype if weight is not None else x.dtype
     return dx, grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)
