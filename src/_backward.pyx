@@ -20,8 +20,8 @@ cimport numpy as cnp
 from bn_loops cimport (floating, rows_grad_sums, rows_input_grad, rows_normalize, run_grad_sums,
                        run_input_grad, run_normalize)
 from params cimport data_of, gamma_of, is_float32, param_t
-from partition cimport (RUN_CHUNK, block_count, block_rows, chunk_length, chunks_per_run,
-                        ordered_sum, rows_per_block)
+from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
+                        channels_per_block, chunks_per_run, ordered_sum, rows_per_block)
 
 cnp.import_array()
 
@@ -55,23 +55,6 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
-cdef inline void channel_grad_sums_nchw(const floating* dy, const floating* x, Py_ssize_t N,
-                                        Py_ssize_t C, Py_ssize_t S, Py_ssize_t c, double mean,
-                                        double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    # Sum the partials of channel c in (n, chunk) order, the order the split path uses too.
-    cdef double part_dy, part_dy_xmu
-    cdef Py_ssize_t n, k, offset
-    sum_dy[0] = 0.0
-    sum_dy_xmu[0] = 0.0
-    for n in range(N):
-        for k in range(chunks_per_run(S)):
-            offset = (n * C + c) * S + k * RUN_CHUNK
-            run_grad_sums(dy + offset, x + offset, chunk_length(S, k), mean,
-                          &part_dy, &part_dy_xmu)
-            sum_dy[0] += part_dy
-            sum_dy_xmu[0] += part_dy_xmu
-
-
 cdef inline void input_grad_run(const floating* dy, const floating* x, floating* dx,
                                 Py_ssize_t S, floating k, floating a, floating mean_hi,
                                 floating b, bint training) noexcept nogil:
@@ -81,40 +64,66 @@ cdef inline void input_grad_run(const floating* dy, const floating* x, floating*
         run_normalize(dy, dx, S, 0, k, 0)   # dx = dy * k; x is not read
 
 
+cdef void backward_channel_block(const floating* dy, const floating* x, floating* dx,
+                                 const double* stats, const param_t* weight, bint training,
+                                 double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                 Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    # Channels c0 <= c < c1, all batch items: the gradient sums, then dx while the
+    # block's dy and x slabs are still in L2 (DRAM: dy and x read once, dx written once).
+    # Each channel adds its partials in (n, chunk) order, as the split path does.
+    cdef double sum_dy[MAX_CHANNEL_BLOCK]
+    cdef double sum_dy_xmu[MAX_CHANNEL_BLOCK]
+    cdef floating constants[4 * MAX_CHANNEL_BLOCK]
+    cdef Py_ssize_t n, j, k, offset, width = c1 - c0
+    cdef double part_dy, part_dy_xmu
+    for j in range(width):
+        sum_dy[j] = 0.0
+        sum_dy_xmu[j] = 0.0
+    for n in range(N):
+        for j in range(width):
+            for k in range(chunks_per_run(S)):
+                offset = (n * C + c0 + j) * S + k * RUN_CHUNK
+                run_grad_sums(dy + offset, x + offset, chunk_length(S, k), stats[c0 + j],
+                              &part_dy, &part_dy_xmu)
+                sum_dy[j] += part_dy
+                sum_dy_xmu[j] += part_dy_xmu
+    for j in range(width):
+        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c0 + j], c0 + j, C, grads)
+        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c0 + j], stats[C + c0 + j],
+                             gamma_of(weight, c0 + j), <double>(N * S), training,
+                             &constants[j], &constants[MAX_CHANNEL_BLOCK + j],
+                             &constants[2 * MAX_CHANNEL_BLOCK + j],
+                             &constants[3 * MAX_CHANNEL_BLOCK + j])
+    for n in range(N):
+        for j in range(width):
+            offset = (n * C + c0 + j) * S
+            input_grad_run(dy + offset, x + offset, dx + offset, S, constants[j],
+                           constants[MAX_CHANNEL_BLOCK + j],
+                           constants[2 * MAX_CHANNEL_BLOCK + j],
+                           constants[3 * MAX_CHANNEL_BLOCK + j], training)
+
+
 cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
                        const double* stats, const param_t* weight, bint training,
                        double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        int n_threads) noexcept nogil:
-    # With enough channels per thread each thread reduces a channel's dy and x slabs and
-    # writes its dx while they are in L2 (DRAM: dy and x read once, dx written once);
-    # otherwise partial sums are computed in parallel, combined in a fixed order, and dx is
-    # written in a second pass.
-    cdef Py_ssize_t c, n, u, k, offset
+    # Enough channel blocks for every thread: one pass per block (backward_channel_block).
+    # Otherwise partial sums are computed in parallel in memory order, added per channel
+    # in a fixed order, and dx is written in a second pass.
+    cdef Py_ssize_t per_block = channels_per_block(S)
+    cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
+    cdef Py_ssize_t b, c, n, u, k, offset
     cdef Py_ssize_t chunks = chunks_per_run(S)
     cdef Py_ssize_t units = N * chunks
-    cdef double count = <double>(N * S), sum_dy, sum_dy_xmu
-    cdef floating k_c, a_c, mean_hi_c, b_c
+    cdef double sum_dy, sum_dy_xmu
     cdef double* partials
     cdef floating* constants
 
-    if C >= 2 * n_threads:
-        for c in prange(C, schedule='static', num_threads=n_threads,
+    if blocks >= 2 * n_threads:
+        for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            sum_dy = 0.0    # assigned here so that prange makes them thread-private
-            sum_dy_xmu = 0.0
-            k_c = 0
-            a_c = 0
-            mean_hi_c = 0
-            b_c = 0
-            channel_grad_sums_nchw(dy, x, N, C, S, c, stats[c], &sum_dy, &sum_dy_xmu)
-            store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
-            input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c],
-                                 gamma_of(weight, c), count, training,
-                                 &k_c, &a_c, &mean_hi_c, &b_c)
-            for n in range(N):
-                offset = (n * C + c) * S
-                input_grad_run(dy + offset, x + offset, dx + offset, S,
-                               k_c, a_c, mean_hi_c, b_c, training)
+            backward_channel_block(dy, x, dx, stats, weight, training, grads, N, C, S,
+                                   b * per_block, min(C, (b + 1) * per_block))
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -123,22 +132,24 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
         free(partials)
         free(constants)
         return -1
-    # Partial u of channel c covers chunk k of run n: u = c * units + n * chunks + k;
-    # sum(dy) at partials[u], sum(dy * (x - mean)) at partials[C * units + u].
-    for u in prange(C * units, schedule='static', num_threads=n_threads,
+    # Work item u walks memory in order (u = (n * C + c) * chunks + k); its partial is
+    # stored per channel at p = c * units + n * chunks + k: sum(dy) at partials[p],
+    # sum(dy * (x - mean)) at partials[C * units + p].
+    for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        c = u // units
-        n = (u % units) // chunks
+        n = u // (C * chunks)
+        c = (u // chunks) % C
         k = u % chunks
         offset = (n * C + c) * S + k * RUN_CHUNK
         run_grad_sums(dy + offset, x + offset, chunk_length(S, k), stats[c],
-                      &partials[u], &partials[C * units + u])
+                      &partials[c * units + n * chunks + k],
+                      &partials[C * units + c * units + n * chunks + k])
     for c in range(C):
         sum_dy = ordered_sum(partials + c * units, units, 1)
         sum_dy_xmu = ordered_sum(partials + C * units + c * units, units, 1)
         store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
         input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
-                             count, training, &constants[c], &constants[C + c],
+                             <double>(N * S), training, &constants[c], &constants[C + c],
                              &constants[2 * C + c], &constants[3 * C + c])
     for u in prange(N * C, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):

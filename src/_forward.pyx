@@ -19,8 +19,8 @@ cimport numpy as cnp
 
 from bn_loops cimport chan_merge, floating, rows_mean_m2, rows_normalize, run_mean_m2, run_normalize
 from params cimport beta_of, data_of, gamma_of, is_float32, param_t, params_float32
-from partition cimport (RUN_CHUNK, block_count, block_rows, chunk_length, chunks_per_run,
-                        rows_per_block)
+from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
+                        channels_per_block, chunks_per_run, rows_per_block)
 
 cnp.import_array()
 
@@ -47,21 +47,42 @@ cdef inline void store_channel(double mean, double m2, double count, double eps,
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
-cdef inline void channel_stats_nchw(const floating* x, Py_ssize_t N, Py_ssize_t C,
-                                    Py_ssize_t S, Py_ssize_t c, double* mean,
-                                    double* m2) noexcept nogil:
-    # Merge the partials of channel c (one per run chunk, in (n, chunk) order).  The split
-    # path of train_nchw computes the same partials in parallel and merges them in this
-    # same order, so both paths give identical bits.
-    cdef double count = 0.0, part_mean, part_m2
-    cdef Py_ssize_t n, k, length
-    mean[0] = 0.0
-    m2[0] = 0.0
+cdef void train_channel_block(const floating* x, floating* y, const param_t* weight,
+                              const param_t* bias, double eps, double* stats, Py_ssize_t N,
+                              Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0,
+                              Py_ssize_t c1) noexcept nogil:
+    # Channels c0 <= c < c1, all batch items: statistics, then normalization while the
+    # block's slab is still in L2, so DRAM sees x read once and y written once.  Each
+    # channel merges its partials (one per run chunk) in (n, chunk) order, the order the
+    # split path of train_nchw uses too: both give identical bits.
+    cdef double count[MAX_CHANNEL_BLOCK]
+    cdef double mean[MAX_CHANNEL_BLOCK]
+    cdef double m2[MAX_CHANNEL_BLOCK]
+    cdef floating constants[3 * MAX_CHANNEL_BLOCK]
+    cdef Py_ssize_t n, j, k, length, width = c1 - c0
+    cdef double part_mean, part_m2
+    for j in range(width):
+        count[j] = 0.0
+        mean[j] = 0.0
+        m2[j] = 0.0
     for n in range(N):
-        for k in range(chunks_per_run(S)):
-            length = chunk_length(S, k)
-            run_mean_m2(x + (n * C + c) * S + k * RUN_CHUNK, length, &part_mean, &part_m2)
-            chan_merge(&count, mean, m2, <double>length, part_mean, part_m2)
+        for j in range(width):
+            for k in range(chunks_per_run(S)):
+                length = chunk_length(S, k)
+                run_mean_m2(x + (n * C + c0 + j) * S + k * RUN_CHUNK, length,
+                            &part_mean, &part_m2)
+                chan_merge(&count[j], &mean[j], &m2[j], <double>length, part_mean, part_m2)
+    for j in range(width):
+        store_channel(mean[j], m2[j], count[j], eps, c0 + j, C, stats)
+        normalize_constants(mean[j], stats[C + c0 + j], gamma_of(weight, c0 + j),
+                            beta_of(bias, c0 + j), &constants[j],
+                            &constants[MAX_CHANNEL_BLOCK + j],
+                            &constants[2 * MAX_CHANNEL_BLOCK + j])
+    for n in range(N):
+        for j in range(width):
+            run_normalize(x + (n * C + c0 + j) * S, y + (n * C + c0 + j) * S, S,
+                          constants[j], constants[MAX_CHANNEL_BLOCK + j],
+                          constants[2 * MAX_CHANNEL_BLOCK + j])
 
 
 cdef void normalize_runs_nchw(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C,
@@ -79,33 +100,23 @@ cdef void normalize_runs_nchw(const floating* x, floating* y, Py_ssize_t N, Py_s
 cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, Py_ssize_t N,
                     Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
-    # With enough channels per thread, each channel's slab is reduced and normalized by one
-    # thread while it is still in L2, so DRAM sees x read once and y written once.  With
-    # few channels, the partials are computed in parallel, merged, and y is written in a
-    # second pass.  Both paths merge the same partials in the same order.
-    cdef Py_ssize_t c, n, u, k
+    # Enough channel blocks for every thread: one pass per block (train_channel_block).
+    # Otherwise (few channels) the partials are computed in parallel in memory order,
+    # merged per channel, and y is written in a second pass.
+    cdef Py_ssize_t per_block = channels_per_block(S)
+    cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
+    cdef Py_ssize_t b, c, n, u, k
     cdef Py_ssize_t chunks = chunks_per_run(S)
     cdef Py_ssize_t units = N * chunks          # partials per channel
     cdef double count, mean, m2
-    cdef floating mean_hi, scale, shift
     cdef double* partials
     cdef floating* constants
 
-    if C >= 2 * n_threads:
-        for c in prange(C, schedule='static', num_threads=n_threads,
+    if blocks >= 2 * n_threads:
+        for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            mean = 0.0      # assigned here so that prange makes them thread-private
-            m2 = 0.0        # (a variable only written through a pointer stays shared)
-            mean_hi = 0
-            scale = 0
-            shift = 0
-            channel_stats_nchw(x, N, C, S, c, &mean, &m2)
-            store_channel(mean, m2, <double>(N * S), eps, c, C, stats)
-            normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
-                                &mean_hi, &scale, &shift)
-            for n in range(N):
-                run_normalize(x + (n * C + c) * S, y + (n * C + c) * S, S, mean_hi, scale,
-                              shift)
+            train_channel_block(x, y, weight, bias, eps, stats, N, C, S, b * per_block,
+                                min(C, (b + 1) * per_block))
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -114,15 +125,17 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
         free(partials)
         free(constants)
         return -1
-    # Partial u of channel c covers chunk k of run n: u = c * units + n * chunks + k;
-    # means at partials[u], m2 at partials[C * units + u].
-    for u in prange(C * units, schedule='static', num_threads=n_threads,
+    # Work item u walks memory in order (u = (n * C + c) * chunks + k); its partial is
+    # stored per channel at p = c * units + n * chunks + k: means at partials[p], m2 at
+    # partials[C * units + p].
+    for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        c = u // units
-        n = (u % units) // chunks
+        n = u // (C * chunks)
+        c = (u // chunks) % C
         k = u % chunks
         run_mean_m2(x + (n * C + c) * S + k * RUN_CHUNK, chunk_length(S, k),
-                    &partials[u], &partials[C * units + u])
+                    &partials[c * units + n * chunks + k],
+                    &partials[C * units + c * units + n * chunks + k])
     for c in range(C):
         count = 0.0
         mean = 0.0

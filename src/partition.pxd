@@ -11,6 +11,11 @@ cdef enum:
     RUN_CHUNK = 16384
     # Channels-last: a block of rows holds about this many elements (rows * C).
     ROW_BLOCK_ELEMS = 16384
+    # Channels-first with short runs (small H*W): a thread takes a block of adjacent
+    # channels so that each batch item gives it one contiguous piece of about this many
+    # elements instead of one short run far from the next.
+    CHANNEL_BLOCK_ELEMS = 1024
+    MAX_CHANNEL_BLOCK = 64
 
 
 cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
@@ -20,6 +25,13 @@ cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
 cdef inline Py_ssize_t chunk_length(Py_ssize_t S, Py_ssize_t k) noexcept nogil:
     cdef Py_ssize_t rest = S - k * RUN_CHUNK
     return RUN_CHUNK if rest > RUN_CHUNK else rest
+
+
+cdef inline Py_ssize_t channels_per_block(Py_ssize_t S) noexcept nogil:
+    cdef Py_ssize_t channels = CHANNEL_BLOCK_ELEMS // S
+    if channels < 1:
+        return 1
+    return MAX_CHANNEL_BLOCK if channels > MAX_CHANNEL_BLOCK else channels
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t C) noexcept nogil:
