@@ -9,6 +9,12 @@ from ._layout import plan
 from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
 
 
+# Outputs at least this large are written with non-temporal stores: they would not fit
+# in the caches anyway, and streaming saves reading every output line before writing it.
+# Smaller outputs are left in cache, where the next layer finds them.
+STREAM_MIN_BYTES = 16 << 20
+
+
 def _threads_for(n_elements):
     return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
 
@@ -92,13 +98,14 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
         stats = np.empty(3 * channels)
         weight, bias = _param_arrays(channels, x.dtype, weight, bias)
         _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
-                               n_threads)
+                               n_threads, x.nbytes >= STREAM_MIN_BYTES)
     else:
         stats = np.empty(2 * channels)
         running_mean, running_var, weight, bias = _param_arrays(
             channels, x.dtype, running_mean, running_var, weight, bias)
         _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
-                              eps, stats, n, channels, s, n_threads)
+                              eps, stats, n, channels, s, n_threads,
+                              x.nbytes >= STREAM_MIN_BYTES)
     return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None)
 
 
@@ -112,7 +119,8 @@ def backward(dy, saved, weight, out):
     grads = np.empty(2 * channels)
     (weight,) = _param_arrays(channels, dy.dtype, weight)
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
-                       saved.batch_stats, grads, n, channels, s, _threads_for(dy.size))
+                       saved.batch_stats, grads, n, channels, s, _threads_for(dy.size),
+                       dy.nbytes >= STREAM_MIN_BYTES)
     return _finish(dx_dense, layout, out), grads
 
 

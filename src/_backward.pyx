@@ -57,17 +57,17 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
 
 cdef inline void input_grad_run(const floating* dy, const floating* x, floating* dx,
                                 Py_ssize_t S, floating k, floating a, floating mean_hi,
-                                floating b, bint training) noexcept nogil:
+                                floating b, bint training, bint stream) noexcept nogil:
     if training:
-        run_input_grad(dy, x, dx, S, k, a, mean_hi, b)
+        run_input_grad(dy, x, dx, S, k, a, mean_hi, b, stream)
     else:
-        run_normalize(dy, dx, S, 0, k, 0)   # dx = dy * k; x is not read
+        run_normalize(dy, dx, S, 0, k, 0, stream)   # dx = dy * k; x is not read
 
 
 cdef void backward_channel_block(const floating* dy, const floating* x, floating* dx,
                                  const double* stats, const param_t* weight, bint training,
                                  double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                                 Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+                                 Py_ssize_t c0, Py_ssize_t c1, bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: the gradient sums, then dx while the
     # block's dy and x slabs are still in L2 (DRAM: dy and x read once, dx written once).
     # Each channel adds its partials in (n, chunk) order, as the split path does.
@@ -100,13 +100,13 @@ cdef void backward_channel_block(const floating* dy, const floating* x, floating
             input_grad_run(dy + offset, x + offset, dx + offset, S, constants[j],
                            constants[MAX_CHANNEL_BLOCK + j],
                            constants[2 * MAX_CHANNEL_BLOCK + j],
-                           constants[3 * MAX_CHANNEL_BLOCK + j], training)
+                           constants[3 * MAX_CHANNEL_BLOCK + j], training, stream)
 
 
 cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
                        const double* stats, const param_t* weight, bint training,
                        double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                       int n_threads) noexcept nogil:
+                       int n_threads, bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (backward_channel_block).
     # Otherwise partial sums are computed in parallel in memory order, added per channel
     # in a fixed order, and dx is written in a second pass.
@@ -123,7 +123,7 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             backward_channel_block(dy, x, dx, stats, weight, training, grads, N, C, S,
-                                   b * per_block, min(C, (b + 1) * per_block))
+                                   b * per_block, min(C, (b + 1) * per_block), stream)
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -155,7 +155,7 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
                     use_threads_if=n_threads > 1):
         c = u % C
         input_grad_run(dy + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
-                       constants[2 * C + c], constants[3 * C + c], training)
+                       constants[2 * C + c], constants[3 * C + c], training, stream)
     free(partials)
     free(constants)
     return 0
@@ -166,7 +166,7 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
 cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
                        const double* stats, const param_t* weight, bint training,
                        double* grads, Py_ssize_t R, Py_ssize_t C,
-                       int n_threads) noexcept nogil:
+                       int n_threads, bint stream) noexcept nogil:
     # Per-block sums of all channels (vectorized over C), summed per channel in block
     # order, then a pass writing dx.  DRAM: dy and x read twice (x once in eval mode),
     # dx written once.
@@ -198,11 +198,11 @@ cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
         if training:
             rows_input_grad(dy + b * rows * C, x + b * rows * C, dx + b * rows * C,
                             block_rows(R, rows, b), C, constants, constants + C,
-                            constants + 2 * C, constants + 3 * C)
+                            constants + 2 * C, constants + 3 * C, stream)
         else:
             # dx = (dy - 0) * k + 0: mean_hi and b are zero in eval mode; x is not read.
             rows_normalize(dy + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
-                           constants + 2 * C, constants, constants + 3 * C)
+                           constants + 2 * C, constants, constants + 3 * C, stream)
     free(partials)
     free(constants)
     return 0
@@ -211,16 +211,19 @@ cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
 cdef inline int backward_any(const floating* dy, const floating* x, floating* dx,
                              const double* stats, const param_t* weight, bint training,
                              double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             int n_threads) noexcept nogil:
+                             int n_threads, bint stream) noexcept nogil:
     if S == 1:
-        return backward_nhwc(dy, x, dx, stats, weight, training, grads, N, C, n_threads)
-    return backward_nchw(dy, x, dx, stats, weight, training, grads, N, C, S, n_threads)
+        return backward_nhwc(dy, x, dx, stats, weight, training, grads, N, C, n_threads,
+                             stream)
+    return backward_nchw(dy, x, dx, stats, weight, training, grads, N, C, S, n_threads,
+                         stream)
 
 
 def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ssize_t C,
-             Py_ssize_t S, int n_threads):
+             Py_ssize_t S, int n_threads, bint stream):
     """dx, and grads = [grad_weight, grad_bias] (float64), for a forward that used the
-    statistics in stats ([mean, invstd]).  S == 1 selects the channels-last kernel."""
+    statistics in stats ([mean, invstd]).  S == 1 selects the channels-last kernel;
+    stream writes dx with non-temporal stores."""
     cdef void* pdy = data_of(dy)
     cdef void* px = data_of(x)
     cdef void* pdx = data_of(dx)
@@ -232,15 +235,15 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     with nogil:
         if data32 and param32:
             status = backward_any(<float*>pdy, <float*>px, <float*>pdx, ps, <float*>pw,
-                                  training, pg, N, C, S, n_threads)
+                                  training, pg, N, C, S, n_threads, stream)
         elif data32:
             status = backward_any(<float*>pdy, <float*>px, <float*>pdx, ps, <double*>pw,
-                                  training, pg, N, C, S, n_threads)
+                                  training, pg, N, C, S, n_threads, stream)
         elif param32:
             status = backward_any(<double*>pdy, <double*>px, <double*>pdx, ps, <float*>pw,
-                                  training, pg, N, C, S, n_threads)
+                                  training, pg, N, C, S, n_threads, stream)
         else:
             status = backward_any(<double*>pdy, <double*>px, <double*>pdx, ps, <double*>pw,
-                                  training, pg, N, C, S, n_threads)
+                                  training, pg, N, C, S, n_threads, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")

@@ -49,8 +49,8 @@ cdef inline void store_channel(double mean, double m2, double count, double eps,
 
 cdef void train_channel_block(const floating* x, floating* y, const param_t* weight,
                               const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                              Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0,
-                              Py_ssize_t c1) noexcept nogil:
+                              Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0, Py_ssize_t c1,
+                              bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: statistics, then normalization while the
     # block's slab is still in L2, so DRAM sees x read once and y written once.  Each
     # channel merges its partials (one per run chunk) in (n, chunk) order, the order the
@@ -82,24 +82,24 @@ cdef void train_channel_block(const floating* x, floating* y, const param_t* wei
         for j in range(width):
             run_normalize(x + (n * C + c0 + j) * S, y + (n * C + c0 + j) * S, S,
                           constants[j], constants[MAX_CHANNEL_BLOCK + j],
-                          constants[2 * MAX_CHANNEL_BLOCK + j])
+                          constants[2 * MAX_CHANNEL_BLOCK + j], stream)
 
 
 cdef void normalize_runs_nchw(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C,
-                              Py_ssize_t S, const floating* constants,
-                              int n_threads) noexcept nogil:
+                              Py_ssize_t S, const floating* constants, int n_threads,
+                              bint stream) noexcept nogil:
     # constants: mean_hi[C], scale[C], shift[C] back to back.
     cdef Py_ssize_t run, c
     for run in prange(N * C, schedule='static', num_threads=n_threads,
                       use_threads_if=n_threads > 1):
         c = run % C
         run_normalize(x + run * S, y + run * S, S, constants[c], constants[C + c],
-                      constants[2 * C + c])
+                      constants[2 * C + c], stream)
 
 
 cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                    Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+                    Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (train_channel_block).
     # Otherwise (few channels) the partials are computed in parallel in memory order,
     # merged per channel, and y is written in a second pass.
@@ -116,7 +116,7 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             train_channel_block(x, y, weight, bias, eps, stats, N, C, S, b * per_block,
-                                min(C, (b + 1) * per_block))
+                                min(C, (b + 1) * per_block), stream)
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -146,7 +146,7 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
         store_channel(mean, m2, count, eps, c, C, stats)
         normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_runs_nchw(x, y, N, C, S, constants, n_threads)
+    normalize_runs_nchw(x, y, N, C, S, constants, n_threads, stream)
     free(partials)
     free(constants)
     return 0
@@ -155,17 +155,18 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
 # ---------------------------------------------------------------- channels-last (R, C)
 
 cdef void normalize_blocks_nhwc(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                                const floating* constants, int n_threads) noexcept nogil:
+                                const floating* constants, int n_threads,
+                                bint stream) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
     for b in prange(block_count(R, rows), schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_normalize(x + b * rows * C, y + b * rows * C, block_rows(R, rows, b), C,
-                       constants, constants + C, constants + 2 * C)
+                       constants, constants + C, constants + 2 * C, stream)
 
 
 cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, Py_ssize_t R,
-                    Py_ssize_t C, int n_threads) noexcept nogil:
+                    Py_ssize_t C, int n_threads, bint stream) noexcept nogil:
     # Per-block statistics of all channels at once (the channel loop is the vector loop),
     # merged per channel in block order, then a normalization pass.  DRAM traffic: x read
     # twice, y written once.
@@ -195,7 +196,7 @@ cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
         store_channel(mean, m2, count, eps, c, C, stats)
         normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_blocks_nhwc(x, y, R, C, constants, n_threads)
+    normalize_blocks_nhwc(x, y, R, C, constants, n_threads, stream)
     free(partials)
     free(constants)
     return 0
@@ -205,7 +206,8 @@ cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
 
 cdef int eval_any(const floating* x, floating* y, const param_t* mean, const param_t* var,
                   const param_t* weight, const param_t* bias, double eps, double* stats,
-                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
+                  bint stream) noexcept nogil:
     # One pass over the data: x read once, y written once.
     cdef Py_ssize_t c
     cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
@@ -217,27 +219,29 @@ cdef int eval_any(const floating* x, floating* y, const param_t* mean, const par
         normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     if S == 1:
-        normalize_blocks_nhwc(x, y, N, C, constants, n_threads)
+        normalize_blocks_nhwc(x, y, N, C, constants, n_threads, stream)
     else:
-        normalize_runs_nchw(x, y, N, C, S, constants, n_threads)
+        normalize_runs_nchw(x, y, N, C, S, constants, n_threads, stream)
     free(constants)
     return 0
 
 
 cdef inline int train_any(const floating* x, floating* y, const param_t* weight,
                           const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                          Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+                          Py_ssize_t C, Py_ssize_t S, int n_threads,
+                          bint stream) noexcept nogil:
     if S == 1:
-        return train_nhwc(x, y, weight, bias, eps, stats, N, C, n_threads)
-    return train_nchw(x, y, weight, bias, eps, stats, N, C, S, n_threads)
+        return train_nhwc(x, y, weight, bias, eps, stats, N, C, n_threads, stream)
+    return train_nchw(x, y, weight, bias, eps, stats, N, C, S, n_threads, stream)
 
 
 # ---------------------------------------------------------------- entry points
 
 def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_t C,
-                  Py_ssize_t S, int n_threads):
+                  Py_ssize_t S, int n_threads, bint stream):
     """Training forward: batch statistics into stats (mean, invstd, biased var), then
-    y = (x - mean) * invstd * weight + bias.  S == 1 selects the channels-last kernel."""
+    y = (x - mean) * invstd * weight + bias.  S == 1 selects the channels-last kernel;
+    stream writes y with non-temporal stores."""
     cdef void* px = data_of(x)
     cdef void* py = data_of(y)
     cdef void* pw = data_of(weight)
@@ -248,22 +252,22 @@ def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_
     with nogil:
         if data32 and param32:
             status = train_any(<float*>px, <float*>py, <float*>pw, <float*>pb, eps, ps,
-                               N, C, S, n_threads)
+                               N, C, S, n_threads, stream)
         elif data32:
             status = train_any(<float*>px, <float*>py, <double*>pw, <double*>pb, eps, ps,
-                               N, C, S, n_threads)
+                               N, C, S, n_threads, stream)
         elif param32:
             status = train_any(<double*>px, <double*>py, <float*>pw, <float*>pb, eps, ps,
-                               N, C, S, n_threads)
+                               N, C, S, n_threads, stream)
         else:
             status = train_any(<double*>px, <double*>py, <double*>pw, <double*>pb, eps, ps,
-                               N, C, S, n_threads)
+                               N, C, S, n_threads, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")
 
 
 def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
-                 Py_ssize_t C, Py_ssize_t S, int n_threads):
+                 Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream):
     """Eval forward with given statistics: stats receives mean and invstd (float64), and
     y = (x - mean) * invstd * weight + bias."""
     cdef void* px = data_of(x)
@@ -278,15 +282,15 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
     with nogil:
         if data32 and param32:
             status = eval_any(<float*>px, <float*>py, <float*>pm, <float*>pv, <float*>pw,
-                              <float*>pb, eps, ps, N, C, S, n_threads)
+                              <float*>pb, eps, ps, N, C, S, n_threads, stream)
         elif data32:
             status = eval_any(<float*>px, <float*>py, <double*>pm, <double*>pv, <double*>pw,
-                              <double*>pb, eps, ps, N, C, S, n_threads)
+                              <double*>pb, eps, ps, N, C, S, n_threads, stream)
         elif param32:
             status = eval_any(<double*>px, <double*>py, <float*>pm, <float*>pv, <float*>pw,
-                              <float*>pb, eps, ps, N, C, S, n_threads)
+                              <float*>pb, eps, ps, N, C, S, n_threads, stream)
         else:
             status = eval_any(<double*>px, <double*>py, <double*>pm, <double*>pv,
-                              <double*>pw, <double*>pb, eps, ps, N, C, S, n_threads)
+                              <double*>pw, <double*>pb, eps, ps, N, C, S, n_threads, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")

@@ -40,6 +40,36 @@
 /* Independent accumulators per reduction: enough to hide the add latency at AVX-512 width. */
 #define CPUBN_LANES 32
 
+/* Streaming (non-temporal) stores: outputs larger than the caches are written around them,
+ * which saves the read-for-ownership of every output line.  SSE2 is part of x86-64, so
+ * no run-time dispatch is needed; elsewhere the copy is a plain memcpy. */
+#include <string.h>
+#include <stdint.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
+{
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > bytes) head = bytes;
+    memcpy(d, s, head);
+    d += head; s += head; bytes -= head;
+    for (; bytes >= 16; bytes -= 16, d += 16, s += 16)
+        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+    memcpy(d, s, bytes);
+    _mm_sfence();   /* order the weakly-ordered stores before the caller's later writes */
+}
+#else
+static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
+{
+    memcpy(dst, src, bytes);
+}
+#endif
+
+/* Bytes computed into an L1-resident buffer before each streaming copy. */
+#define CPUBN_STREAM_BUFFER 8192
+
 #define CPUBN_CAT_(a, b) a##b
 #define CPUBN_CAT(a, b) CPUBN_CAT_(a, b)
 

@@ -166,4 +166,65 @@ CPUBN_CLONES static void FN(rows_input_grad)(const T *CPUBN_RESTRICT dy, const T
     }
 }
 
+/* Streaming-store versions of the output loops: the same arithmetic (so the same bits),
+ * computed into a stack buffer in L1, then written with non-temporal stores. */
+#define STREAM_ELEMS ((ptrdiff_t)(CPUBN_STREAM_BUFFER / sizeof(T)))
+
+static void FN(run_normalize_stream)(const T *x, T *y, ptrdiff_t n, T mean_hi, T scale, T shift)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
+        ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
+        FN(run_normalize)(x + i, buffer, len, mean_hi, scale, shift);
+        cpubn_stream_copy(y + i, buffer, (size_t)len * sizeof(T));
+    }
+}
+
+static void FN(run_input_grad_stream)(const T *dy, const T *x, T *dx, ptrdiff_t n,
+                                      T k, T a, T mean_hi, T b)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
+        ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
+        FN(run_input_grad)(dy + i, x + i, buffer, len, k, a, mean_hi, b);
+        cpubn_stream_copy(dx + i, buffer, (size_t)len * sizeof(T));
+    }
+}
+
+/* Rows are processed a buffer's worth at a time; a row longer than the buffer is written
+ * with ordinary stores. */
+static void FN(rows_normalize_stream)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t C,
+                                      const T *mean_hi, const T *scale, const T *shift)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    ptrdiff_t step = STREAM_ELEMS / C;
+    if (step == 0) {
+        FN(rows_normalize)(x, y, rows, C, mean_hi, scale, shift);
+        return;
+    }
+    for (ptrdiff_t r = 0; r < rows; r += step) {
+        ptrdiff_t len = rows - r < step ? rows - r : step;
+        FN(rows_normalize)(x + r * C, buffer, len, C, mean_hi, scale, shift);
+        cpubn_stream_copy(y + r * C, buffer, (size_t)(len * C) * sizeof(T));
+    }
+}
+
+static void FN(rows_input_grad_stream)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
+                                       ptrdiff_t C, const T *k, const T *a, const T *mean_hi,
+                                       const T *b)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    ptrdiff_t step = STREAM_ELEMS / C;
+    if (step == 0) {
+        FN(rows_input_grad)(dy, x, dx, rows, C, k, a, mean_hi, b);
+        return;
+    }
+    for (ptrdiff_t r = 0; r < rows; r += step) {
+        ptrdiff_t len = rows - r < step ? rows - r : step;
+        FN(rows_input_grad)(dy + r * C, x + r * C, buffer, len, C, k, a, mean_hi, b);
+        cpubn_stream_copy(dx + r * C, buffer, (size_t)(len * C) * sizeof(T));
+    }
+}
+
+#undef STREAM_ELEMS
 #undef FN
