@@ -115,6 +115,7 @@ extensions = [
         f"cpubn.{name}",
         [f"src/{name}.pyx"],
         include_dirs=["src", np.get_include()],
+        depends=["src/bn_loops.h", "src/bn_loops_impl.h", "src/omp_shim.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for name in KERNEL_MODULES

@@ -28,7 +28,7 @@ def _resolve(n_threads):
         raise TypeError(f"the number of threads must be an int or None, "
                         f"got {n_threads!r}") from None
     if n_threads == 0:
-        raise ValueError("the number of threads must be non-zero (None = automatic, "
+        raise ValueError("the number of threads must be non-zero, got 0 (None = automatic, "
                          "negative = count back from the number of CPUs)")
     if n_threads < 0:
         return max(1, (os.cpu_count() or 1) + 1 + n_threads)

@@ -40,9 +40,11 @@ cdef inline void normalize_constants(double mean, double invstd, double gamma, d
 
 cdef inline void store_channel(double mean, double m2, double count, double eps, Py_ssize_t c,
                                Py_ssize_t C, double* stats) noexcept nogil:
+    # The corrected two-pass m2 can round to a hair below zero for (near-)constant data.
+    cdef double var = 0.0 if m2 < 0.0 else m2 / count
     stats[c] = mean
-    stats[C + c] = 1.0 / sqrt(m2 / count + eps)
-    stats[2 * C + c] = m2 / count
+    stats[C + c] = 1.0 / sqrt(var + eps)
+    stats[2 * C + c] = var
 
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
@@ -174,17 +176,18 @@ cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
     cdef Py_ssize_t blocks = block_count(R, rows)
     cdef Py_ssize_t b, block, c
     cdef double count, mean, m2
-    cdef double* partials = <double*>malloc(2 * blocks * C * sizeof(double))
+    cdef double* partials = <double*>malloc(3 * blocks * C * sizeof(double))
     cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
     if partials == NULL or constants == NULL:
         free(partials)
         free(constants)
         return -1
-    # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:].
+    # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], and its
+    # scratch at partials[(2 * blocks + b) * C:].
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C)
+                     partials + (blocks + b) * C, partials + (2 * blocks + b) * C)
     for c in prange(C, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         count = 0.0

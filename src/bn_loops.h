@@ -16,6 +16,7 @@
 #ifndef CPUBN_BN_LOOPS_H
 #define CPUBN_BN_LOOPS_H
 
+#include <math.h>
 #include <stddef.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
@@ -86,15 +87,22 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 #undef SUFFIX
 
 /* Chan et al. merge of a partial (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
- * Stable for any offset: it only ever combines deviations from means. */
+ * Stable for any offset: it only ever combines deviations from means.  An infinite
+ * partial mean (the data holds +-inf) is combined as a weighted sum instead, so the mean
+ * is +-inf or NaN as NumPy's would be, and the variance is NaN. */
 static inline void chan_merge(double *count_a, double *mean_a, double *m2_a,
                               double count_b, double mean_b, double m2_b)
 {
     double count = *count_a + count_b;
     double delta = mean_b - *mean_a;
     double weight_b = count_b / count;
-    *mean_a += delta * weight_b;
-    *m2_a += m2_b + delta * delta * (*count_a) * weight_b;
+    if (delta - delta == 0.0) {             /* delta is finite */
+        *mean_a += delta * weight_b;
+        *m2_a += m2_b + delta * delta * (*count_a) * weight_b;
+    } else {
+        *mean_a = *mean_a * (*count_a / count) + mean_b * weight_b;
+        *m2_a = NAN;
+    }
     *count_a = count;
 }
 

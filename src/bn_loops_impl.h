@@ -15,7 +15,9 @@ static inline double FN(lanes_total)(const double *acc)
 
 /* Mean and sum of squared deviations (m2) of x[0:n], n >= 1.  Two passes: the second
  * re-reads the run from cache, and subtracting the mean first keeps m2 exact for data
- * with a large offset, where E[x^2] - E[x]^2 would cancel. */
+ * with a large offset, where E[x^2] - E[x]^2 would cancel.  The second pass also sums the
+ * deviations, which corrects the rounding error of the first mean (the "corrected
+ * two-pass" algorithm): a constant run gets its value back exactly, even in double. */
 CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
                                          double *mean_out, double *m2_out)
 {
@@ -29,22 +31,27 @@ CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
     for (; i < n; i++) tail += (double)x[i];
     double mean = (FN(lanes_total)(acc) + tail) / (double)n;
 
+    double dev[CPUBN_LANES] = {0};
     double sq[CPUBN_LANES] = {0};
     i = 0;
     for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
         CPUBN_SIMD
         for (int j = 0; j < CPUBN_LANES; j++) {
             double d = (double)x[i + j] - mean;
+            dev[j] += d;
             sq[j] += d * d;
         }
     }
-    double sq_tail = 0.0;
+    double dev_tail = 0.0, sq_tail = 0.0;
     for (; i < n; i++) {
         double d = (double)x[i] - mean;
+        dev_tail += d;
         sq_tail += d * d;
     }
-    *mean_out = mean;
-    *m2_out = FN(lanes_total)(sq) + sq_tail;
+    double dev_total = FN(lanes_total)(dev) + dev_tail;
+    /* With +-inf in the data the deviations are NaN: keep the (infinite) first mean. */
+    *mean_out = dev_total - dev_total == 0.0 ? mean + dev_total / (double)n : mean;
+    *m2_out = FN(lanes_total)(sq) + sq_tail - dev_total * dev_total / (double)n;
 }
 
 /* y = (x - mean_hi) * scale + shift.  For float, mean_hi is the float nearest the double
@@ -93,26 +100,32 @@ CPUBN_CLONES static void FN(run_input_grad)(const T *CPUBN_RESTRICT dy, const T 
     for (ptrdiff_t i = 0; i < n; i++) dx[i] = dy[i] * k + (x[i] - mean_hi) * a + b;
 }
 
-/* Per-channel mean and m2 of a block x[0:rows, 0:C] (row-major), two passes like
- * run_mean_m2; the channel loop is the vector loop. */
+/* Per-channel mean and m2 of a block x[0:rows, 0:C] (row-major), corrected two-pass like
+ * run_mean_m2; the channel loop is the vector loop.  dev is caller scratch of C doubles. */
 CPUBN_CLONES static void FN(rows_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t rows, ptrdiff_t C,
-                                          double *CPUBN_RESTRICT mean, double *CPUBN_RESTRICT m2)
+                                          double *CPUBN_RESTRICT mean, double *CPUBN_RESTRICT m2,
+                                          double *CPUBN_RESTRICT dev)
 {
-    for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }
+    for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; dev[c] = 0.0; }
     for (ptrdiff_t r = 0; r < rows; r++) {
         const T *row = x + r * C;
         CPUBN_SIMD
         for (ptrdiff_t c = 0; c < C; c++) mean[c] += (double)row[c];
     }
     double inv_rows = 1.0 / (double)rows;
-    for (ptrdiff_t c = 0; c < C; c++) mean[c] *= inv_rows;
+    for (ptrdiff_t c = 0; c < C; c++) mean[c] /= (double)rows;
     for (ptrdiff_t r = 0; r < rows; r++) {
         const T *row = x + r * C;
         CPUBN_SIMD
         for (ptrdiff_t c = 0; c < C; c++) {
             double d = (double)row[c] - mean[c];
+            dev[c] += d;
             m2[c] += d * d;
         }
+    }
+    for (ptrdiff_t c = 0; c < C; c++) {
+        if (dev[c] - dev[c] == 0.0) mean[c] += dev[c] * inv_rows;   /* finite: correct */
+        m2[c] -= dev[c] * dev[c] * inv_rows;
     }
 }
 
