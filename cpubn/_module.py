@@ -71,10 +71,11 @@ class BatchNorm:
     def forward(self, x, out=None):
         """Normalize x (features on ``self.axis``); returns y, or ``out`` if given.
 
-        ``out``: an array of x's shape and dtype to write into; it must not overlap x
-        (x is kept for backward)."""
+        ``out``: an array of x's shape and dtype to write into.  It may be x itself (an
+        in-place forward, e.g. to save memory at inference), but then x is gone and a
+        following ``backward`` raises; it must not partially overlap x."""
         x, axis = check_data(x, self.axis, self.num_features)
-        out = check_out(out, x, must_not_overlap=((x, "the input"),))
+        out = check_out(out, x, may_alias=((x, "the input"),))
         batch_stats = self.training or not self.track_running_stats
         if batch_stats:
             check_batch_stats_possible(x, axis)
@@ -88,6 +89,8 @@ class BatchNorm:
                       else self.momentum)
             _dispatch.update_running_stats(self.running_mean, self.running_var, saved,
                                            x.size // x.shape[axis], factor)
+        if out is not None and np.may_share_memory(out, x):
+            saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
 
@@ -101,6 +104,9 @@ class BatchNorm:
         if saved is None:
             raise ValueError("backward() called before any forward(): nothing to "
                              "differentiate")
+        if saved.x_dense is None:
+            raise ValueError("backward() after an in-place forward (out=x): the input it "
+                             "needs was overwritten; use a separate out array")
         dy = check_like(dy, saved.layout.shape, saved.x_dense.dtype, "dy", "the last input")
         out = check_out(out, dy, may_alias=((dy, "dy"),),
                         must_not_overlap=((saved.x_dense, "the saved input"),))

@@ -1,0 +1,417 @@
+"""Bad input: the right exception, a message naming the offending value, and nothing lost.
+
+After every failed call the object's running_mean, running_var,
+num_batches_tracked, gradients and saved forward state must be exactly as
+before: the test then runs the backward the earlier forward prepared and
+checks it against the reference.
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import cpubn
+from conftest import assert_close, assert_same_state, bitwise_equal, make_x, randomize, snapshot
+from reference import RefBatchNorm
+
+C = 3
+SHAPE = (4, C, 5)
+READ_ONLY = r"(?i)read-only|read only|writeable|writable"
+
+
+def both(*numbers):
+    """Regex matching a message that contains every one of ``numbers`` as a token."""
+    return "(?s)" + "".join(rf"(?=.*(?<![\w.]){n}(?![\w.]))" for n in numbers)
+
+
+@dataclass
+class Primed:
+    bn: object
+    expected: RefBatchNorm
+    x: np.ndarray
+    dy: np.ndarray
+
+    def expect_failure(self, exc, call, match=None):
+        snap = snapshot(self.bn)
+        with pytest.raises(exc, match=match) as info:
+            call()
+        assert_same_state(self.bn, snap)
+        # The saved forward state still gives the backward of the last good forward.
+        dx = self.bn.backward(self.dy)
+        assert_close(dx, self.expected.backward(self.dy), np.float64, "grad", "dx after failure")
+        assert_close(self.bn.grad_weight, self.expected.grad_weight, np.float64, "grad")
+        assert_close(self.bn.grad_bias, self.expected.grad_bias, np.float64, "grad")
+        return info
+
+
+@pytest.fixture(params=[True, False], ids=["train", "eval"])
+def primed(request, rng):
+    """A float64 BatchNorm after two training steps, a backward, and a last forward of x."""
+    bn = randomize(cpubn.BatchNorm(C, dtype=np.float64), rng)
+    expected = RefBatchNorm.like(bn)
+    for _ in range(2):
+        x = make_x(rng, SHAPE, np.float64)
+        dy = rng.standard_normal(SHAPE)
+        bn(x)
+        expected(x)
+        bn.backward(dy)
+        expected.backward(dy)
+    if not request.param:
+        bn.eval()
+        expected.training = False
+    x = make_x(rng, SHAPE, np.float64)
+    bn(x)
+    expected(x)
+    return Primed(bn, expected, x, rng.standard_normal(SHAPE))
+
+
+# ------------------------------------------------------------------ input dtype
+
+BAD_DTYPES = [
+    (np.int32, "int32"), (np.int64, "int64"), (np.bool_, "bool"), (np.complex128, "complex128"),
+    (np.complex64, "complex64"), (object, "object"), (np.float16, "float16"), (np.uint8, "uint8"),
+]
+
+
+@pytest.mark.parametrize("dtype,name", BAD_DTYPES, ids=[n for _, n in BAD_DTYPES])
+def test_bad_dtype_forward(primed, dtype, name):
+    x = np.ones(SHAPE, dtype=dtype)
+    primed.expect_failure(TypeError, lambda: primed.bn(x), match=name)
+
+
+def test_string_input(primed):
+    x = np.full(SHAPE, "a")
+    primed.expect_failure(TypeError, lambda: primed.bn(x), match=r"<U1|str|unicode|U1")
+
+
+@pytest.mark.parametrize("garbage", [None, object(), "hello", {"a": 1}], ids=["None", "object", "str", "dict"])
+def test_garbage_input(primed, garbage):
+    primed.expect_failure(TypeError, lambda: primed.bn(garbage))
+
+
+@pytest.mark.parametrize("dtype,name", BAD_DTYPES[:4] + BAD_DTYPES[6:7], ids=["int32", "int64", "bool", "complex128", "float16"])
+def test_bad_dtype_functional(dtype, name):
+    x = np.ones(SHAPE, dtype=dtype)
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(TypeError, match=name):
+        cpubn.batch_norm(x, rm, rv, training=True)
+    assert np.all(rm == 0) and np.all(rv == 1)
+    with pytest.raises(TypeError, match=name):
+        cpubn.batch_norm_forward(x)
+    with pytest.raises(TypeError, match=name):
+        cpubn.batch_norm_backward(np.ones(SHAPE), x, np.zeros(C), np.ones(C))
+    with pytest.raises(TypeError, match=name):
+        cpubn.batch_norm_backward(x, np.ones(SHAPE), np.zeros(C), np.ones(C))
+
+
+# ------------------------------------------------------------------ shapes and axis
+
+@pytest.mark.parametrize("shape", [(C,), ()], ids=["1d", "0d"])
+def test_ndim_below_two(primed, shape):
+    x = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn(x), match=rf"(?is)dim.*{len(shape)}")
+
+
+@pytest.mark.parametrize("axis", [3, 7, -4])
+def test_axis_out_of_range(rng, axis):
+    bn = cpubn.BatchNorm(C, axis=axis, dtype=np.float64)
+    snap = snapshot(bn)
+    with pytest.raises(ValueError, match=both(axis)):
+        bn(make_x(rng, SHAPE, np.float64))
+    assert_same_state(bn, snap)
+    with pytest.raises(ValueError, match=both(axis)):
+        cpubn.batch_norm_forward(make_x(rng, SHAPE, np.float64), axis=axis)
+    with pytest.raises(ValueError, match=both(axis)):
+        cpubn.batch_norm(make_x(rng, SHAPE, np.float64), None, None, training=True, axis=axis)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 2), (4, 7), (2, 2, 2, 2)])
+def test_channel_count_mismatch(primed, shape):
+    x = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn(x), match=both(shape[1], C))
+
+
+def test_channel_count_mismatch_channels_last(rng):
+    bn = cpubn.BatchNorm(6, axis=-1)
+    with pytest.raises(ValueError, match=both(5, 6)):
+        bn(np.ones((2, 3, 5), dtype=np.float32))
+    assert bn.num_batches_tracked == 0 and np.all(bn.running_mean == 0)
+
+
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)])
+def test_one_value_per_channel_in_training(primed, shape):
+    if not primed.bn.training:
+        primed.bn.train()
+        primed.expected.training = True
+    x = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn(x), match=r"(?i)per channel")
+
+
+def test_one_value_per_channel_functional():
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm(np.ones((1, C)), rm, rv, training=True)
+    assert np.all(rm == 0) and np.all(rv == 1)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm_forward(np.ones((1, C, 1)), training=True)
+
+
+def test_one_value_per_channel_no_tracking_eval():
+    """track_running_stats=False normalizes with batch statistics even in eval,
+    so one value per channel is as invalid as in training (PyTorch raises too)."""
+    bn = cpubn.BatchNorm(C, track_running_stats=False).eval()
+    with pytest.raises(ValueError):
+        bn(np.ones((1, C), dtype=np.float32))
+
+
+@pytest.mark.parametrize("shape", [(0, C, 5), (4, C, 0), (0, C)])
+def test_empty_input(primed, shape):
+    x = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn(x), match=r"(?i)empty")
+
+
+def test_empty_channel_axis():
+    bn = cpubn.BatchNorm(C)
+    with pytest.raises(ValueError):
+        bn(np.ones((4, 0, 5), dtype=np.float32))
+
+
+# ------------------------------------------------------------------ construction
+
+@pytest.mark.parametrize("kwargs,shown", [
+    (dict(eps=0.0), r"0(\.0)?"), (dict(eps=-1e-5), r"-1e-05"), (dict(eps=-2.5), r"-2\.5"),
+    (dict(momentum=-0.1), r"-0\.1"), (dict(momentum=1.5), r"1\.5"),
+    (dict(eps=float("nan")), r"(?i)nan"), (dict(momentum=float("nan")), r"(?i)nan"),
+])
+def test_bad_hyperparameters(kwargs, shown):
+    with pytest.raises(ValueError, match=shown):
+        cpubn.BatchNorm(C, **kwargs)
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_bad_num_features(n):
+    with pytest.raises(ValueError, match=both(n)):
+        cpubn.BatchNorm(n)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0, None])
+def test_momentum_bounds_are_valid(momentum):
+    assert cpubn.BatchNorm(C, momentum=momentum).momentum == momentum
+
+
+# ------------------------------------------------------------------ backward
+
+def test_backward_before_forward():
+    bn = cpubn.BatchNorm(C)
+    snap = snapshot(bn)
+    with pytest.raises(ValueError, match=r"(?i)forward"):
+        bn.backward(np.ones(SHAPE, dtype=np.float32))
+    assert_same_state(bn, snap)
+
+
+@pytest.mark.parametrize("shape", [(4, C, 4), (4, C), (5, C, 5), (4, C, 5, 1)])
+def test_backward_dy_shape(primed, shape):
+    dy = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn.backward(dy), match=re.escape(str(shape)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
+def test_backward_dy_dtype(primed, dtype):
+    dy = np.ones(SHAPE, dtype=dtype)
+    primed.expect_failure((TypeError, ValueError), lambda: primed.bn.backward(dy),
+                          match=np.dtype(dtype).name)
+
+
+def test_backward_dy_garbage(primed):
+    primed.expect_failure((TypeError, ValueError), lambda: primed.bn.backward(None))
+
+
+# ------------------------------------------------------------------ out buffers
+
+def failing_out(primed, out, exc, call, match=None):
+    before = np.array(out, copy=True)
+    primed.expect_failure(exc, call, match)
+    assert bitwise_equal(out, before), "out was written by a failed call"
+
+
+def test_forward_out_wrong_shape(primed):
+    out = np.zeros((4, C, 6))
+    failing_out(primed, out, ValueError, lambda: primed.bn.forward(primed.x.copy(), out=out),
+                match=re.escape("(4, 3, 6)"))
+
+
+def test_forward_out_wrong_dtype(primed):
+    out = np.zeros(SHAPE, dtype=np.float32)
+    failing_out(primed, out, TypeError, lambda: primed.bn.forward(primed.x.copy(), out=out),
+                match="float32")
+
+
+def test_forward_out_read_only(primed):
+    out = np.zeros(SHAPE)
+    out.flags.writeable = False
+    failing_out(primed, out, ValueError, lambda: primed.bn.forward(primed.x.copy(), out=out),
+                match=READ_ONLY)
+
+
+def test_forward_out_partial_overlap(primed):
+    """out may be x itself, but not a different view of x's memory."""
+    buf = np.concatenate([primed.x.ravel(), np.zeros(C * 5)])
+    x = buf[: primed.x.size].reshape(SHAPE)
+    out = buf[C * 5:].reshape(SHAPE)
+    failing_out(primed, buf, ValueError, lambda: primed.bn.forward(x, out=out), match=r"(?i)overlap")
+
+
+def test_backward_out_wrong_shape(primed):
+    out = np.zeros((4, C, 6))
+    failing_out(primed, out, ValueError, lambda: primed.bn.backward(primed.dy, out=out),
+                match=re.escape("(4, 3, 6)"))
+
+
+def test_backward_out_wrong_dtype(primed):
+    out = np.zeros(SHAPE, dtype=np.float32)
+    failing_out(primed, out, TypeError, lambda: primed.bn.backward(primed.dy, out=out),
+                match="float32")
+
+
+def test_backward_out_read_only(primed):
+    out = np.zeros(SHAPE)
+    out.flags.writeable = False
+    failing_out(primed, out, ValueError, lambda: primed.bn.backward(primed.dy, out=out),
+                match=READ_ONLY)
+
+
+def test_backward_out_is_dy_is_in_place(primed):
+    """dx may overwrite dy (an in-place backward): same dx as with a separate out."""
+    expected = primed.bn.backward(primed.dy.copy())
+    primed.bn.zero_grad()
+    dy = primed.dy.copy()
+    dx = primed.bn.backward(dy, out=dy)
+    assert dx is dy
+    assert bitwise_equal(dx, expected)
+
+
+def test_backward_after_in_place_forward(rng):
+    """An in-place forward destroys the input; backward must refuse, not return garbage."""
+    bn = cpubn.BatchNorm(C)
+    x = rng.standard_normal(SHAPE)
+    bn.forward(x, out=x)
+    grads = (bn.grad_weight.copy(), bn.grad_bias.copy())
+    with pytest.raises(ValueError, match="in-place"):
+        bn.backward(np.ones(SHAPE))
+    assert bitwise_equal(bn.grad_weight, grads[0]) and bitwise_equal(bn.grad_bias, grads[1])
+
+
+def test_backward_out_is_saved_x(primed):
+    failing_out(primed, primed.x, ValueError, lambda: primed.bn.backward(primed.dy, out=primed.x), match=r"(?i)overlap")
+
+
+def test_backward_out_overlaps_dy(primed):
+    buf = np.concatenate([primed.dy.ravel(), np.zeros(5)])
+    dy = buf[: primed.dy.size].reshape(SHAPE)
+    out = buf[5:].reshape(SHAPE)
+    failing_out(primed, buf, ValueError, lambda: primed.bn.backward(dy, out=out), match=r"(?i)overlap")
+
+
+def test_functional_out_errors(rng):
+    x = make_x(rng, SHAPE, np.float64)
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm(x, rm, rv, training=True, out=np.zeros((4, C, 6)))
+    with pytest.raises(TypeError):
+        cpubn.batch_norm(x, rm, rv, training=True, out=np.zeros(SHAPE, np.float32))
+    assert np.all(rm == 0) and np.all(rv == 1), "running stats updated by a failed call"
+    mean, invstd = x.mean(axis=(0, 2)), np.ones(C)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm_backward(x.copy(), x, mean, invstd, out=x)
+
+
+# ------------------------------------------------------------------ functional parameter shapes
+
+def test_functional_parameter_shapes(rng):
+    x = make_x(rng, SHAPE, np.float64)
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(ValueError, match=both(4, C)):
+        cpubn.batch_norm(x, rm, rv, weight=np.ones(4), training=True)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm(x, rm, rv, bias=np.ones(2), training=True)
+    assert np.all(rm == 0) and np.all(rv == 1), "running stats updated by a failed call"
+    with pytest.raises(ValueError):
+        cpubn.batch_norm(x, np.zeros(4), np.ones(4), training=False)
+    with pytest.raises(ValueError):
+        cpubn.batch_norm_backward(x, x, np.zeros(4), np.ones(C))
+    with pytest.raises(ValueError):
+        cpubn.batch_norm_backward(x, x, np.zeros(C), np.ones(C), weight=np.ones(2))
+    with pytest.raises(ValueError):
+        cpubn.batch_norm_backward(x[:, :, :4], x, np.zeros(C), np.ones(C))
+
+
+def test_functional_bad_hyperparameters_and_params(rng):
+    x = make_x(rng, SHAPE, np.float64)
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(ValueError, match=r"-1\.0|-1(?![\d.])"):
+        cpubn.batch_norm(x, rm, rv, training=True, eps=-1.0)
+    with pytest.raises(ValueError, match=r"2\.0|2(?![\d.])"):
+        cpubn.batch_norm(x, rm, rv, training=True, momentum=2.0)
+    with pytest.raises(TypeError, match="int64"):
+        cpubn.batch_norm(x, rm, rv, weight=np.ones(C, dtype=np.int64), training=True)
+    with pytest.raises(TypeError, match="complex128"):
+        cpubn.batch_norm(x, rm.astype(complex), rv, training=True)
+    assert np.all(rm == 0) and np.all(rv == 1), "running stats updated by a failed call"
+
+
+# ------------------------------------------------------------------ load_state_dict
+
+def good_state(rng, C=C):
+    return {"weight": rng.uniform(0.5, 1.5, C), "bias": rng.uniform(-1, 1, C),
+            "running_mean": rng.uniform(-1, 1, C), "running_var": rng.uniform(0.5, 2, C),
+            "num_batches_tracked": np.array(9, dtype=np.int64)}
+
+
+@pytest.mark.parametrize("missing", ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"])
+def test_load_missing_key(primed, missing, rng):
+    sd = good_state(rng)
+    del sd[missing]
+    primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd), match=missing)
+
+
+def test_load_unexpected_key(primed, rng):
+    sd = good_state(rng)
+    sd["momentum_buffer"] = np.zeros(C)
+    primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd), match="momentum_buffer")
+
+
+def test_load_unexpected_key_no_affine(rng):
+    bn = cpubn.BatchNorm(C, affine=False)
+    sd = good_state(rng)
+    with pytest.raises(ValueError, match="weight"):
+        bn.load_state_dict(sd)
+    assert bn.num_batches_tracked == 0 and np.all(bn.running_var == 1)
+
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("shape", [(C + 1,), (1, C), ()], ids=["longer", "2d", "scalar"])
+def test_load_wrong_shape(primed, key, shape, rng):
+    sd = good_state(rng)
+    sd[key] = np.ones(shape)
+    primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd), match=key)
+
+
+@pytest.mark.parametrize("key", ["weight", "running_var"])
+@pytest.mark.parametrize("bad", [np.arange(C), np.ones(C, bool), np.ones(C, complex), np.array(["a"] * C)],
+                         ids=["int", "bool", "complex", "str"])
+def test_load_wrong_dtype(primed, key, bad, rng):
+    sd = good_state(rng)
+    sd[key] = bad
+    primed.expect_failure((TypeError, ValueError), lambda: primed.bn.load_state_dict(sd), match=key)
+
+
+def test_load_wrong_num_batches_tracked(primed, rng):
+    sd = good_state(rng)
+    sd["num_batches_tracked"] = np.array([1, 2])
+    primed.expect_failure((TypeError, ValueError), lambda: primed.bn.load_state_dict(sd))
+
+
+def test_load_not_a_mapping(primed):
+    primed.expect_failure((TypeError, ValueError), lambda: primed.bn.load_state_dict(None))

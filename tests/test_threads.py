@@ -1,0 +1,162 @@
+"""Thread control, and bitwise-identical results whatever the thread count."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cpubn
+from conftest import assert_close, bitwise_equal, make_params, make_x
+from reference import RefBatchNorm
+
+THREAD_COUNTS = [1, 2, 3, 16]
+
+# Inputs of a few MB so that the kernels really split the work.
+BIG_CASES = [
+    ((16, 64, 32, 32), 1, np.float32),     # NCHW, large C
+    ((16, 32, 32, 64), -1, np.float32),    # NHWC, large C
+    ((8, 1, 256, 256), 1, np.float32),     # C = 1
+    ((4, 256, 256, 3), -1, np.float32),    # channels-last, C = 3
+    ((4, 3, 256, 256), 1, np.float64),     # C = 3, float64
+    ((200_000, 3), -1, np.float64),        # plain (N, C)
+    ((4, 8, 3, 64, 64), 2, np.float32),    # a middle feature axis
+]
+
+
+def all_results(x, dy, axis, dtype, params):
+    """Every output of a train step and an eval step, as raw bytes."""
+    C = x.shape[axis]
+    w, b, rm, rv = params
+    bn = cpubn.BatchNorm(C, axis=axis, dtype=dtype)
+    bn.weight[...], bn.bias[...], bn.running_mean[...], bn.running_var[...] = w, b, rm, rv
+    out = {}
+    out["y_train"] = bn(x)
+    out["dx_train"] = bn.backward(dy)
+    out["running_mean"] = bn.running_mean.copy()
+    out["running_var"] = bn.running_var.copy()
+    bn.eval()
+    out["y_eval"] = bn(x)
+    out["dx_eval"] = bn.backward(dy)
+    out["grad_weight"] = bn.grad_weight.copy()
+    out["grad_bias"] = bn.grad_bias.copy()
+    y, mean, invstd = cpubn.batch_norm_forward(x, w, b, training=True, axis=axis)
+    out["save_mean"], out["save_invstd"] = mean, invstd
+    dx, dw, db = cpubn.batch_norm_backward(dy, x, mean, invstd, w, training=True, axis=axis)
+    out["f_dx"], out["f_dw"], out["f_db"] = dx, dw, db
+    return out
+
+
+@pytest.mark.parametrize("shape,axis,dtype", BIG_CASES,
+                         ids=[f"{s}-axis{a}-{np.dtype(d).name}" for s, a, d in BIG_CASES])
+def test_bitwise_identical_across_thread_counts(shape, axis, dtype, rng):
+    C = shape[axis]
+    x = make_x(rng, shape, dtype, axis, loc=50.0)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    params = make_params(rng, C, dtype)
+    results = {}
+    for n in THREAD_COUNTS:
+        with cpubn.threads(n):
+            assert cpubn.get_num_threads() == (n if cpubn.openmp_enabled() else 1)
+            results[n] = all_results(x, dy, axis, dtype, params)
+    for n in THREAD_COUNTS[1:]:
+        for key, value in results[1].items():
+            assert bitwise_equal(results[n][key], value), f"{key} differs between 1 and {n} threads"
+    # And the common answer is the right one.
+    bn = cpubn.BatchNorm(C, axis=axis, dtype=dtype)
+    w, b, rm, rv = params
+    expected = RefBatchNorm(C, axis=axis, dtype=dtype, weight=w, bias=b, running_mean=rm, running_var=rv)
+    assert_close(results[1]["y_train"], expected(x), dtype)
+    assert_close(results[1]["dx_train"], expected.backward(dy), dtype, "grad")
+
+
+def test_set_get_num_threads():
+    for n in (1, 3, 7):
+        cpubn.set_num_threads(n)
+        assert cpubn.get_num_threads() == (n if cpubn.openmp_enabled() else 1)
+    cpubn.set_num_threads(None)
+    assert cpubn.get_num_threads() >= 1
+
+
+def test_negative_counts_back_from_cpu_count():
+    cpubn.set_num_threads(-1)
+    all_cpus = cpubn.get_num_threads()
+    if not cpubn.openmp_enabled():
+        assert all_cpus == 1
+        return
+    candidates = {os.cpu_count(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    assert all_cpus in candidates
+    cpubn.set_num_threads(-2)
+    assert cpubn.get_num_threads() == max(1, all_cpus - 1)
+
+
+@pytest.mark.parametrize("bad", [0])
+def test_zero_threads_is_an_error(bad):
+    cpubn.set_num_threads(2)
+    with pytest.raises(ValueError, match="0"):
+        cpubn.set_num_threads(bad)
+    assert cpubn.get_num_threads() == (2 if cpubn.openmp_enabled() else 1)
+    with pytest.raises(ValueError):
+        with cpubn.threads(bad):
+            pass
+    assert cpubn.get_num_threads() == (2 if cpubn.openmp_enabled() else 1)
+
+
+def test_threads_context_restores():
+    expect = (lambda n: n if cpubn.openmp_enabled() else 1)
+    cpubn.set_num_threads(2)
+    with cpubn.threads(5):
+        assert cpubn.get_num_threads() == expect(5)
+        with cpubn.threads(3):
+            assert cpubn.get_num_threads() == expect(3)
+        assert cpubn.get_num_threads() == expect(5)
+    assert cpubn.get_num_threads() == expect(2)
+    with pytest.raises(RuntimeError):
+        with cpubn.threads(4):
+            raise RuntimeError("boom")
+    assert cpubn.get_num_threads() == expect(2)
+
+
+def test_threads_context_restores_automatic():
+    cpubn.set_num_threads(None)
+    auto = cpubn.get_num_threads()
+    with cpubn.threads(1):
+        assert cpubn.get_num_threads() == 1
+    assert cpubn.get_num_threads() == auto
+
+
+def test_openmp_enabled_is_bool():
+    assert isinstance(cpubn.openmp_enabled(), bool)
+
+
+def _threads_in_subprocess(env_update):
+    env = dict(os.environ)
+    env.update(env_update)
+    code = "import cpubn; print(cpubn.get_num_threads(), cpubn.openmp_enabled())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    n, enabled = res.stdout.split()
+    return int(n), enabled == "True"
+
+
+@pytest.mark.parametrize("omp", ["1", "3"])
+def test_default_honours_omp_num_threads(omp):
+    n, enabled = _threads_in_subprocess({"OMP_NUM_THREADS": omp})
+    assert n == (int(omp) if enabled else 1)
+
+
+def test_threadpoolctl_limits_respected():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    cpubn.set_num_threads(None)
+    x = make_x(np.random.default_rng(0), (8, 4, 64, 64), np.float32)
+    cpubn.batch_norm_forward(x)  # make sure the OpenMP runtime is loaded
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert cpubn.get_num_threads() == 1
+        y1 = cpubn.batch_norm_forward(x)[0]
+    if cpubn.openmp_enabled():
+        with threadpoolctl.threadpool_limits(limits=3, user_api="openmp"):
+            assert cpubn.get_num_threads() == 3
+    with cpubn.threads(2):
+        assert bitwise_equal(cpubn.batch_norm_forward(x)[0], y1)
