@@ -1,0 +1,178 @@
+"""Smoke tests of ``python -m cpubn bench`` (cpubn/_bench.py): tiny shapes, few repeats.
+
+They check that the command runs and reports what it promises, never how fast
+anything is.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reference as ref
+from cpubn import _bench
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+FAST = ["--repeats", "2", "--threads", "1", "--copy-mib", "1"]
+RESULT_FIELDS = {"shape", "layout", "array_shape", "axis", "op", "dtype", "threads", "size_bytes",
+                 "bytes_moved", "check", "peers", "copy_gbps", "roofline_ms",
+                 "speedup_vs_numpy", "speedup_vs_torch"}
+TIMED_FIELDS = {"median_ms", "min_ms", "repeats", "gbps", "x_roofline", "samples_ms"}
+
+
+def run_bench(tmp_path, *args):
+    path = tmp_path / "bench.json"
+    rc = _bench.main([*args, "--json", str(path)])
+    return rc, json.loads(path.read_text())
+
+
+def test_quick_run_reports_every_case(tmp_path, capsys):
+    rc, report = run_bench(tmp_path, "--quick", "--shape", "4,8,5,5", "--shape", "16,8",
+                           "--shape", "1,8,3,3", *FAST)
+    assert rc == 0
+    assert {"machine", "config", "copy_bandwidth_gbps", "results", "tiny"} <= set(report)
+    assert report["config"]["threads"] == [1] and report["config"]["dtype"] == "float32"
+    assert report["copy_bandwidth_gbps"]["1"] > 0
+
+    cases = {(tuple(r["shape"]), r["layout"], r["op"]) for r in report["results"]}
+    assert cases == (
+        {((4, 8, 5, 5), layout, op) for layout in ("nchw", "nhwc")
+         for op in ("train", "eval", "backward")}
+        | {((16, 8), "nchw", op) for op in ("train", "eval", "backward")}  # 2-D: one layout
+        | {((1, 8, 3, 3), layout, "eval") for layout in ("nchw", "nhwc")}  # batch 1: inference
+    )
+    peers = {"copy", "cpubn_out", "cpubn", "numpy"} | ({"torch"} if HAVE_TORCH else set())
+    for r in report["results"]:
+        assert RESULT_FIELDS <= set(r)
+        assert r["check"] == "ok"
+        assert set(r["peers"]) == peers
+        for p in r["peers"].values():
+            assert TIMED_FIELDS <= set(p) and p["repeats"] == 2 and p["median_ms"] > 0
+        assert r["speedup_vs_numpy"] > 0
+        assert (r["speedup_vs_torch"] is not None) == HAVE_TORCH
+        assert r["bytes_moved"] == (3 if r["op"] == "backward" else 2) * r["size_bytes"]
+        assert r["array_shape"][-1 if r["layout"] == "nhwc" else 1] == r["shape"][1]
+
+    tiny = report["tiny"]
+    assert tiny["shape"] == [1, 16] and not tiny["errors"]
+    assert {"cpubn.BatchNorm", "numpy"} <= set(tiny["us"])
+    assert HAVE_TORCH == ("torch.nn.BatchNorm1d" in tiny["us"])
+
+    out, err = capsys.readouterr()
+    assert "vs torch" in out and "4x8x5x5" in out and "Tiny call" in out
+    assert "[1/" in err  # progress goes to stderr
+
+
+def test_thread_list_float64_one_layout(tmp_path, capsys):
+    rc, report = run_bench(tmp_path, "--shape", "6,4,3,3", "--threads", "1,2", "--dtype", "float64",
+                           "--layout", "nhwc", "--ops", "train", "--no-torch", "--no-tiny",
+                           "--repeats", "1", "--copy-mib", "1")
+    assert rc == 0
+    assert report["tiny"] is None
+    assert [(r["threads"], r["layout"], r["op"], r["dtype"]) for r in report["results"]] == [
+        (1, "nhwc", "train", "float64"), (2, "nhwc", "train", "float64")]
+    assert "torch" not in report["results"][0]["peers"]
+    assert "Thread scaling 1 -> 2" in capsys.readouterr().out
+
+
+def test_library_errors_and_wrong_results_are_reported(tmp_path, monkeypatch, capsys):
+    """A failing or wrong cpubn shows up in the table, the JSON and the exit status."""
+    import cpubn
+
+    def broken_backward(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    forward = cpubn.batch_norm_forward
+
+    def wrong_forward(*args, **kwargs):
+        y, mean, invstd = forward(*args, **kwargs)
+        return y + 1, mean, invstd
+
+    monkeypatch.setattr(cpubn, "batch_norm_backward", broken_backward)
+    monkeypatch.setattr(cpubn, "batch_norm_forward", wrong_forward)
+    rc, report = run_bench(tmp_path, "--shape", "4,8,5,5", "--layout", "nchw", "--no-torch",
+                           "--no-tiny", *FAST)
+    assert rc == 1
+    by_op = {r["op"]: r for r in report["results"]}
+    assert "kernel exploded" in by_op["backward"]["peers"]["cpubn"]["error"]
+    assert "differs from NumPy" in by_op["train"]["check"]
+    out, err = capsys.readouterr()
+    assert "ERR" in out and "differs from NumPy" in out and "kernel exploded" in err
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedups.png"
+    rc, _ = run_bench(tmp_path, "--shape", "4,8,5,5", "--ops", "eval", "--no-tiny",
+                      "--plot", str(png), *FAST)
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert _bench.main(["--plot", "x.png", "--shape", "4,8"]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--shape", "0,3"], ["--shape", "5"], ["--shape", "a,b"],
+                                  ["--threads", "0"], ["--ops", "infer"], ["--quick", "--full"]])
+def test_bad_arguments(args):
+    with pytest.raises(SystemExit) as info:
+        _bench.main(args)
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_numpy_peer_matches_reference(dtype, axis):
+    """The NumPy baseline computes BatchNorm (it is also what cpubn's results are checked against)."""
+    rng = np.random.default_rng(3)
+    shape = (6, 5, 4, 3) if axis == 1 else (6, 4, 3, 5)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, 5).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype)
+    rm, rv = np.zeros(5, dtype), np.ones(5, dtype)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+
+    y, mean, invstd = _bench.numpy_batch_norm_forward(x, w, b, rm, rv, training=True, axis=axis)
+    y_ref, mean_ref, invstd_ref, rm_ref, rv_ref = ref.functional_forward(
+        x, w, b, np.zeros(5), np.ones(5), training=True, axis=axis)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(mean.ravel(), mean_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rm, rm_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rv, rv_ref, rtol=tol, atol=tol)
+
+    y_eval, _, _ = _bench.numpy_batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis)
+    y_eval_ref = ref.functional_forward(x, w, b, rm, rv, training=False, axis=axis)[0]
+    np.testing.assert_allclose(y_eval, y_eval_ref, rtol=tol, atol=tol)
+
+    dx, dw, db = _bench.numpy_batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean_ref, invstd_ref, w, axis=axis)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx, dx_ref, rtol=10 * tol, atol=10 * tol)
+    np.testing.assert_allclose(dw, dw_ref, rtol=10 * tol, atol=10 * tol)
+    np.testing.assert_allclose(db, db_ref, rtol=10 * tol, atol=10 * tol)
+
+
+def test_python_m_cpubn_bench(tmp_path):
+    """The command line entry point is wired to _bench.main."""
+    path = tmp_path / "cli.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpubn", "bench", "--shape", "3,4,2,2", "--ops", "eval",
+         "--no-torch", "--no-tiny", *FAST, "--json", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "3x4x2x2" in proc.stdout
+    assert len(json.loads(path.read_text())["results"]) == 2
