@@ -5,17 +5,22 @@
     >>> y = bn(np.random.randn(8, 64, 14, 14).astype(np.float32))
     >>> dx = bn.backward(np.ones_like(y))
 
-See BatchNorm, batch_norm, batch_norm_forward, batch_norm_backward, and the thread
-controls set_num_threads / get_num_threads / threads.
+See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward,
+the inference folding helpers fold_into_linear / fold_into_conv /
+fold_into_following_linear, and the thread controls set_num_threads / get_num_threads /
+threads.
 """
+from ._lazy import LazyBatchNorm
 from ._module import BatchNorm
 from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
+from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "LazyBatchNorm",
     "batch_norm",
     "batch_norm_forward",
     "batch_norm_backward",
@@ -23,4 +28,7 @@ __all__ = [
     "get_num_threads",
     "threads",
     "openmp_enabled",
+    "fold_into_linear",
+    "fold_into_conv",
+    "fold_into_following_linear",
 ]
