@@ -19,22 +19,35 @@ def _threads_for(n_elements):
     return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
 
 
-def _param_arrays(channels, x_dtype, *arrays):
+def param_arrays(channels, x_dtype, *arrays):
     """Per-channel arrays as contiguous arrays of one float dtype, as the kernels require
     (None stays None: gamma = 1, beta = 0).  Guards the kernels against attributes a user
-    replaced with arrays of another length, dtype or memory layout."""
-    dtype = next((a.dtype for a in arrays if a is not None), x_dtype)
+    replaced with arrays of another length, dtype or memory layout.  Arrays that already
+    qualify are returned as they are (the same objects)."""
+    dtype = x_dtype
+    for a in arrays:
+        if a is not None:
+            dtype = getattr(a, "dtype", _FLOAT64)
+            break
     if dtype != np.float32:
-        dtype = np.dtype(np.float64)
+        dtype = _FLOAT64
     converted = []
     for a in arrays:
         if a is not None:
+            if type(a) is not np.ndarray or a.dtype.kind != "f":
+                a = np.asarray(a)
+                if a.dtype.kind != "f":
+                    raise TypeError(f"per-channel parameters and statistics must be float "
+                                    f"arrays, got dtype {a.dtype}")
             if a.shape != (channels,):
                 raise ValueError(f"per-channel array has shape {a.shape}, expected ({channels},)")
             if not (a.dtype == dtype and a.flags.c_contiguous):
                 a = np.ascontiguousarray(a, dtype=dtype)
         converted.append(a)
     return converted
+
+
+_FLOAT64 = np.dtype(np.float64)
 
 
 def _output(dtype, layout, out):
@@ -86,9 +99,11 @@ class Saved:
         return self.stats[2 * self.channels:]
 
 
-def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None):
+def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None,
+            params_checked=False):
     """Normalize x with batch statistics (running_mean is None) or the given ones;
-    returns (y, Saved)."""
+    returns (y, Saved).  params_checked: the per-channel arrays already went through
+    param_arrays (the BatchNorm object caches that check)."""
     layout = plan(x, axis)
     x_dense = layout.dense(x)
     y_dense = _output(x.dtype, layout, out)
@@ -96,13 +111,15 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
     n_threads = _threads_for(x.size)
     if running_mean is None:
         stats = np.empty(3 * channels)
-        weight, bias = _param_arrays(channels, x.dtype, weight, bias)
+        if not params_checked:
+            weight, bias = param_arrays(channels, x.dtype, weight, bias)
         _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
                                n_threads, x.nbytes >= STREAM_MIN_BYTES)
     else:
         stats = np.empty(2 * channels)
-        running_mean, running_var, weight, bias = _param_arrays(
-            channels, x.dtype, running_mean, running_var, weight, bias)
+        if not params_checked:
+            running_mean, running_var, weight, bias = param_arrays(
+                channels, x.dtype, running_mean, running_var, weight, bias)
         _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
                               eps, stats, n, channels, s, n_threads,
                               x.nbytes >= STREAM_MIN_BYTES)
@@ -117,7 +134,7 @@ def backward(dy, saved, weight, out):
     dx_dense = _output(dy.dtype, layout, out)
     n, channels, s = layout.kernel_dims
     grads = np.empty(2 * channels)
-    (weight,) = _param_arrays(channels, dy.dtype, weight)
+    (weight,) = param_arrays(channels, dy.dtype, weight)
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
                        saved.batch_stats, grads, n, channels, s, _threads_for(dy.size),
                        dy.nbytes >= STREAM_MIN_BYTES)

@@ -63,6 +63,7 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
+        self._checked_params = None
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x, out=None):
@@ -75,14 +76,16 @@ class BatchNorm:
         in-place forward, e.g. to save memory at inference), but then x is gone and a
         following ``backward`` raises; it must not partially overlap x."""
         x, axis = check_data(x, self.axis, self.num_features)
-        out = check_out(out, x, may_alias=((x, "the input"),))
-        batch_stats = self.training or not self.track_running_stats
-        if batch_stats:
+        if out is not None:
+            out = check_out(out, x, may_alias=((x, "the input"),))
+        weight, bias, running_mean, running_var = self._kernel_params()
+        if self.training or not self.track_running_stats:
             check_batch_stats_possible(x, axis)
-            y, saved = _dispatch.forward(x, axis, self.weight, self.bias, self.eps, out)
+            y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out,
+                                         params_checked=True)
         else:
-            y, saved = _dispatch.forward(x, axis, self.weight, self.bias, self.eps, out,
-                                         self.running_mean, self.running_var)
+            y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
+                                         running_var, params_checked=True)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / self.num_batches_tracked if self.momentum is None
@@ -93,6 +96,23 @@ class BatchNorm:
             saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
+
+    def _kernel_params(self):
+        """(weight, bias, running_mean, running_var) in the form the kernels need.
+
+        The check is cached while the attributes are the same array objects (in-place
+        updates such as SGD steps keep it valid); assigning new arrays re-checks them,
+        and arrays that needed converting are re-converted on every call, so updates to
+        the user's arrays are never missed."""
+        current = (self.weight, self.bias, self.running_mean, self.running_var)
+        cached = self._checked_params
+        if (cached is not None and cached[0] is current[0] and cached[1] is current[1]
+                and cached[2] is current[2] and cached[3] is current[3]):
+            return current
+        checked = _dispatch.param_arrays(self.num_features, self.dtype, *current)
+        if all(a is b for a, b in zip(checked, current)):
+            self._checked_params = current
+        return checked
 
     def backward(self, dy, out=None):
         """Gradient of the last forward: returns dx and accumulates grad_weight/grad_bias.
@@ -116,6 +136,13 @@ class BatchNorm:
             self.grad_weight += grads[:channels]
             self.grad_bias += grads[channels:]
         return dx
+
+    def parameters(self):
+        """[(weight, grad_weight), (bias, grad_bias)] for an optimizer loop; empty when
+        affine=False.  Update the parameters in place: ``p -= lr * g``."""
+        if not self.affine:
+            return []
+        return [(self.weight, self.grad_weight), (self.bias, self.grad_bias)]
 
     def zero_grad(self):
         """Set grad_weight and grad_bias to zero."""

@@ -11,8 +11,10 @@ import os
 
 from . import _threads
 
-# Below this many elements a kernel call runs serially (about 2 forks' worth of work).
-PARALLEL_MIN_ELEMENTS = 1 << 15
+# Below this many elements a kernel call runs serially.  A second thread saves at most a
+# few tens of microseconds here, but on a busy machine a team member that is not
+# scheduled stalls the whole call for a scheduler slice (milliseconds).
+PARALLEL_MIN_ELEMENTS = 1 << 17
 
 _requested = None   # what set_num_threads asked for; None = automatic
 

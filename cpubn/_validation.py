@@ -11,8 +11,14 @@ import numpy as np
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
 def as_float_array(x, name="input"):
     """x as a float32/float64 ndarray in native byte order (no copy when it already is)."""
+    if type(x) is np.ndarray and (x.dtype is _FLOAT32 or x.dtype is _FLOAT64):
+        return x                          # the common case, decided by identity checks
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)

@@ -208,3 +208,36 @@ def test_any_axis(axis, rng):
     x = make_x(rng, tuple(shape), np.float64, axis)
     assert_close(bn(x), expected(x), np.float64)
     assert_close(bn.running_var, expected.running_var, np.float64, "stat")
+
+
+def test_parameters_pairs_track_the_live_arrays():
+    bn = cpubn.BatchNorm(4)
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    y = bn(x)
+    bn.backward(y)
+    pairs = bn.parameters()
+    assert [p is q for (p, _), q in zip(pairs, (bn.weight, bn.bias))] == [True, True]
+    assert [g is h for (_, g), h in zip(pairs, (bn.grad_weight, bn.grad_bias))] == [True, True]
+    for param, grad in pairs:
+        param -= 0.5 * grad
+    assert not np.array_equal(bn.weight, np.ones(4, np.float32))
+    assert cpubn.BatchNorm(4, affine=False).parameters() == []
+
+
+def test_rebound_parameters_are_checked_and_used():
+    x = np.random.default_rng(4).standard_normal((8, 3)).astype(np.float32)
+    bn = cpubn.BatchNorm(3)
+    bn.weight = [1.0, 2.0, 3.0]                # a list works, converted per call
+    y = bn(x)
+    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(y, xhat * np.array([1.0, 2.0, 3.0]), atol=1e-5)
+    bn.weight = np.arange(3)                   # integers are not parameters
+    with pytest.raises(TypeError, match="float"):
+        bn(x)
+    bn.weight = np.ones(4, np.float32)         # wrong length
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        bn(x)
+    bn.weight = np.full(3, 2.0)                # float64 on a float32 layer: converted
+    np.testing.assert_allclose(bn(x), 2 * xhat, atol=1e-5)
+    bn.weight[...] = 3.0                       # in-place updates of a converted array are seen
+    np.testing.assert_allclose(bn(x), 3 * xhat, atol=1e-5)
