@@ -6,7 +6,8 @@ USAGE = """usage: python -m cpubn COMMAND [options]
 
 commands:
   bench    measure cpubn against the memory-bandwidth roofline, NumPy and PyTorch
-  demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1)
+  demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1);
+           'demo --convnet': a small conv net in channels-first and channels-last layouts
   info     print the build: version, OpenMP, threads
 
 'python -m cpubn COMMAND --help' describes a command's options."""
@@ -22,6 +23,9 @@ def main(argv=None):
         from ._bench import main as bench_main
         return bench_main(rest)
     if command == "demo":
+        if "--convnet" in rest:
+            from .examples.convnet import main as convnet_main
+            return convnet_main([arg for arg in rest if arg != "--convnet"])
         from .examples.paper_mnist import main as demo_main
         return demo_main(rest)
     if command == "info":

@@ -1,0 +1,15 @@
+"""Worked examples for cpubn, installed with the package (they need ``cpubn[examples]``).
+
+``cpubn.examples.paper_mnist``
+    The Batch Normalization paper's MNIST experiment (Ioffe & Szegedy 2015, section 4.1)
+    on scikit-learn's 8x8 digits: a sigmoid MLP with and without ``cpubn.BatchNorm``, its
+    test accuracy, sigmoid-input percentiles and a learning-rate sweep.
+    Run it with ``python -m cpubn demo`` or ``python -m cpubn.examples.paper_mnist``.
+``cpubn.examples.convnet``
+    A small convolutional network with ``BatchNorm`` after each convolution, trained in
+    channels-first (NCHW, ``axis=1``) and channels-last (NHWC, ``axis=-1``) layouts, then
+    used for batch-1 inference in eval mode: ``python -m cpubn.examples.convnet``.
+``cpubn.examples.nn``
+    The minimal NumPy layers both use (Linear, Conv2d via im2col, Sigmoid, ReLU, pooling,
+    softmax cross-entropy) and the list-of-layers training helpers.
+"""
