@@ -85,6 +85,25 @@ class BuildExtWithOpenMP(build_ext):
                 ext.extra_link_args += openmp[1]
         super().build_extensions()
 
+    def run(self):
+        super().run()
+        if not self.inplace:
+            self._copy_into_source_tree()
+
+    def _copy_into_source_tree(self):
+        # From the checkout's root, `import cpubn` finds the source package before the
+        # installed one (Python puts the current directory first on sys.path).  Placing
+        # the compiled modules next to the sources too makes both copies complete, so the
+        # README's commands work from any folder, the checkout included.
+        package_dir = os.path.abspath(self.get_finalized_command("build_py").get_package_dir("cpubn"))
+        if not os.path.isdir(package_dir):
+            return
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)
+            target = os.path.join(package_dir, os.path.basename(built))
+            if os.path.abspath(built) != target:
+                self.copy_file(built, target)
+
 
 def _optimization_flags(compiler_type):
     if compiler_type == "msvc":
