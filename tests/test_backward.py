@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import (DTYPES, assert_close, bitwise_equal, core_grid, make_params, make_x,
+from bn_testing import (DTYPES, assert_close, bitwise_equal, core_grid, make_params, make_x,
                       randomize, shape_for)
 from reference import RefBatchNorm
 

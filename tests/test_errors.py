@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import assert_close, assert_same_state, bitwise_equal, make_x, randomize, snapshot
+from bn_testing import assert_close, assert_same_state, bitwise_equal, make_x, randomize, snapshot
 from reference import RefBatchNorm
 
 C = 3

@@ -10,7 +10,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import cpubn
-from conftest import bitwise_equal
+from bn_testing import bitwise_equal
 from cpubn._lazy import LazyBatchNorm
 from cpubn.fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import cpubn
-from conftest import (DTYPES, assert_close, bitwise_equal, core_grid, make_x,
+from bn_testing import (DTYPES, assert_close, bitwise_equal, core_grid, make_x,
                       randomize, shape_for)
 from reference import RefBatchNorm
 

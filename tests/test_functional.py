@@ -5,7 +5,7 @@ import pytest
 
 import cpubn
 import reference as ref
-from conftest import DTYPES, assert_close, bitwise_equal, make_params, make_x, shape_for
+from bn_testing import DTYPES, assert_close, bitwise_equal, make_params, make_x, shape_for
 
 FUNC_LAYOUTS = [(2, 1), (3, -1), (4, 1), (4, -1), (5, 2)]
 

@@ -6,7 +6,7 @@ import pytest
 
 import cpubn
 import reference as ref
-from conftest import assert_close, bitwise_equal, make_params, make_x, randomize
+from bn_testing import assert_close, bitwise_equal, make_params, make_x, randomize
 from reference import RefBatchNorm
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import bitwise_equal, make_x, randomize
+from bn_testing import bitwise_equal, make_x, randomize
 from cpubn._lazy import LazyBatchNorm
 
 PER_CHANNEL = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
@@ -127,14 +127,14 @@ def test_bad_axis_or_out_leaves_it_unmaterialized(rng):
     for out, error in ((np.empty((4, 2), np.float32), ValueError),
                        (np.empty((4, 3), np.float64), TypeError)):
         with pytest.raises(error):
-            lazy(x, out)
+            lazy(x, out=out)
         assert_unmaterialized(lazy)
         assert lazy.num_batches_tracked == 0
     with pytest.raises(ValueError, match="overlap"):       # out partially overlapping x
-        lazy(x_in_buffer, out_shifted)
+        lazy(x_in_buffer, out=out_shifted)
     assert_unmaterialized(lazy)
     out = np.empty_like(x)
-    assert lazy(x, out) is out
+    assert lazy(x, out=out) is out
 
 
 def test_bad_hyperparameters_rejected_at_construction():

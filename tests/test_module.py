@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import DTYPES, assert_close, bitwise_equal, make_x, randomize
+from bn_testing import DTYPES, assert_close, bitwise_equal, make_x, randomize
 from reference import RefBatchNorm
 
 

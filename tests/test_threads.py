@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import assert_close, bitwise_equal, make_params, make_x
+from bn_testing import assert_close, bitwise_equal, make_params, make_x
 from reference import RefBatchNorm
 
 THREAD_COUNTS = [1, 2, 3, 16]

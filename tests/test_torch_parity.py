@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from conftest import assert_close, make_x
+from bn_testing import assert_close, make_x
 
 torch = pytest.importorskip("torch")
 
