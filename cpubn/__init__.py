@@ -5,10 +5,17 @@
     >>> y = bn(np.random.randn(8, 64, 14, 14).astype(np.float32))
     >>> dx = bn.backward(np.ones_like(y))
 
-See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward,
-the inference folding helpers fold_into_linear / fold_into_conv /
-fold_into_following_linear, and the thread controls set_num_threads / get_num_threads /
-threads.
+Fused activation and residual add, in the same pass over memory:
+
+    >>> bn = cpubn.BatchNorm(64, activation="relu")   # y = relu(bn(x))
+    >>> x = np.random.randn(8, 64, 14, 14).astype(np.float32)
+    >>> y = bn(x, residual=x)                         # y = relu(bn(x) + residual)
+    >>> dx, dresidual = bn.backward(np.ones_like(y))
+
+See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward
+(all take activation= and residual=), the inference folding helpers fold_into_linear /
+fold_into_conv / fold_into_following_linear, and the thread controls set_num_threads /
+get_num_threads / threads.
 """
 from ._lazy import LazyBatchNorm
 from ._module import BatchNorm

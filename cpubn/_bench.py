@@ -812,6 +812,9 @@ def build_parser():
                    help="exactly R interleaved repeats per case (default: adaptive, "
                         "at most 5 / 9 / 15 for --quick / default / --full)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--fused", action="store_true",
+                   help="time fused BN+ReLU and BN+residual+ReLU against BN alone, the "
+                        "unfused sequence and torch instead ('--fused --help' for its options)")
     p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png",
@@ -932,6 +935,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         argv = argv[1:]
+    if "--fused" in argv:
+        from ._bench_fused import main as fused_main
+        return fused_main([arg for arg in argv if arg != "--fused"])
     args = build_parser().parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)

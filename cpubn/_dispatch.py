@@ -71,15 +71,19 @@ def _finish(dense_out, layout, out):
 class Saved:
     """What a backward needs from its forward: the input (dense, in its layout's memory
     order), the layout, and the float64 statistics used (stats = [mean, invstd(, biased
-    batch variance)] back to back)."""
+    batch variance)] back to back).  A fused forward adds its output y_dense (with ReLU:
+    its sign is the mask, so it is a reference, not a copy) and whether it added a
+    residual (then backward also returns the residual's gradient)."""
 
-    __slots__ = ("x_dense", "layout", "stats", "batch_stats")
+    __slots__ = ("x_dense", "layout", "stats", "batch_stats", "y_dense", "residual")
 
-    def __init__(self, x_dense, layout, stats, batch_stats):
+    def __init__(self, x_dense, layout, stats, batch_stats, y_dense=None, residual=False):
         self.x_dense = x_dense
         self.layout = layout
         self.stats = stats
         self.batch_stats = batch_stats
+        self.y_dense = y_dense
+        self.residual = residual
 
     @property
     def channels(self):
@@ -100,12 +104,16 @@ class Saved:
 
 
 def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None,
-            params_checked=False):
+            params_checked=False, residual=None, relu=False):
     """Normalize x with batch statistics (running_mean is None) or the given ones;
     returns (y, Saved).  params_checked: the per-channel arrays already went through
-    param_arrays (the BatchNorm object caches that check)."""
+    param_arrays (the BatchNorm object caches that check).  residual (an array like x, in
+    any memory order) is added to the normalized values and relu applies max(., 0), both
+    in the kernel's single pass."""
     layout = plan(x, axis)
     x_dense = layout.dense(x)
+    if residual is not None:
+        residual = layout.dense(residual)     # into x's memory order (a copy only if needed)
     y_dense = _output(x.dtype, layout, out)
     n, channels, s = layout.kernel_dims
     n_threads = _threads_for(x.size)
@@ -114,7 +122,7 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
         if not params_checked:
             weight, bias = param_arrays(channels, x.dtype, weight, bias)
         _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
-                               n_threads, x.nbytes >= STREAM_MIN_BYTES)
+                               n_threads, x.nbytes >= STREAM_MIN_BYTES, residual, relu)
     else:
         stats = np.empty(2 * channels)
         if not params_checked:
@@ -122,23 +130,30 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
                 channels, x.dtype, running_mean, running_var, weight, bias)
         _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
                               eps, stats, n, channels, s, n_threads,
-                              x.nbytes >= STREAM_MIN_BYTES)
-    return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None)
+                              x.nbytes >= STREAM_MIN_BYTES, residual, relu)
+    return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None,
+                                                y_dense if relu else None,
+                                                residual is not None)
 
 
 def backward(dy, saved, weight, out):
-    """(dx, grads) for the forward that produced `saved`; grads is a float64 array
-    holding grad_weight[C] then grad_bias[C]."""
+    """(dx, grads, dresidual) for the forward that produced `saved`; grads is a float64
+    array holding grad_weight[C] then grad_bias[C]; dresidual is the gradient of a fused
+    forward's residual (None without one).  A forward with ReLU differentiates through
+    the mask read from saved.y_dense."""
     layout = saved.layout
     dy_dense = layout.dense(dy)
     dx_dense = _output(dy.dtype, layout, out)
     n, channels, s = layout.kernel_dims
     grads = np.empty(2 * channels)
     (weight,) = param_arrays(channels, dy.dtype, weight)
+    dresidual = layout.new_dense(dy.dtype) if saved.residual else None
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
                        saved.batch_stats, grads, n, channels, s, _threads_for(dy.size),
-                       dy.nbytes >= STREAM_MIN_BYTES)
-    return _finish(dx_dense, layout, out), grads
+                       dy.nbytes >= STREAM_MIN_BYTES, saved.y_dense, dresidual)
+    if dresidual is not None:
+        dresidual = layout.to_user(dresidual)
+    return _finish(dx_dense, layout, out), grads, dresidual
 
 
 def update_running_stats(running_mean, running_var, saved, count, factor):

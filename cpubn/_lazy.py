@@ -39,13 +39,14 @@ class LazyBatchNorm(BatchNorm):
     """
 
     def __init__(self, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 axis=1, dtype=np.float32):
+                 axis=1, dtype=np.float32, activation=None):
         # Keyword-only, unlike torch: LazyBatchNorm(64), written for BatchNorm(64), would
         # otherwise silently mean eps=64.
         # BatchNorm's constructor validates the hyperparameters; the one-channel state it
         # allocates is then dropped, so both classes accept and reject the same values.
         super().__init__(1, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, axis=axis, dtype=dtype)
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype,
+                         activation=activation)
         self.num_features = None
         for name in _PER_CHANNEL:
             setattr(self, name, None)
@@ -149,9 +150,10 @@ class LazyBatchNorm(BatchNorm):
     def __repr__(self):
         if self.num_features is not None:
             return super().__repr__()
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"LazyBatchNorm(eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+                f"axis={self.axis}{activation})")
 
 
 def _num_features_in(state_dict, keys):

@@ -8,8 +8,9 @@ import json
 import numpy as np
 
 from . import _dispatch
-from ._validation import (check_batch_stats_possible, check_data, check_eps, check_like,
-                          check_momentum, check_num_features, check_out, check_param_dtype)
+from ._validation import (check_activation, check_batch_stats_possible, check_data, check_eps,
+                          check_like, check_momentum, check_num_features, check_out,
+                          check_param_dtype, check_residual)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
@@ -34,10 +35,17 @@ class BatchNorm:
 
     Parameters and running statistics are stored in ``dtype``; float32 and float64 inputs
     are both accepted and the output has the input's dtype, shape and memory order.
+
+    Fused epilogue: ``activation="relu"`` returns relu(bn(x)) and ``bn(x, residual=r)``
+    returns act(bn(x) + r) (a ResNet block's tail), computed in the normalization's own
+    pass.  Backward then differentiates through them, and returns ``(dx, dresidual)``
+    after a forward with a residual.  With ReLU it reads the mask from the forward's
+    output (y > 0), keeping a reference to it instead of a copy: do not modify the
+    returned y (or ``out``) in place before calling backward.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32):
+                 track_running_stats=True, axis=1, dtype=np.float32, activation=None):
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
@@ -47,6 +55,7 @@ class BatchNorm:
             raise TypeError(f"axis must be an int, got {axis!r}")
         self.axis = int(axis)
         self.dtype = check_param_dtype(dtype)
+        self.activation = check_activation(activation)
         self.training = True
         channels = self.num_features
         if self.affine:
@@ -66,26 +75,35 @@ class BatchNorm:
         self._checked_params = None
 
     # ------------------------------------------------------------------ forward / backward
-    def __call__(self, x, out=None):
-        return self.forward(x, out)
+    def __call__(self, x, out=None, *, residual=None):
+        return self.forward(x, out, residual=residual)
 
-    def forward(self, x, out=None):
+    def forward(self, x, out=None, *, residual=None):
         """Normalize x (features on ``self.axis``); returns y, or ``out`` if given.
 
         ``out``: an array of x's shape and dtype to write into.  It may be x itself (an
         in-place forward, e.g. to save memory at inference), but then x is gone and a
-        following ``backward`` raises; it must not partially overlap x."""
+        following ``backward`` raises; it must not partially overlap x.
+        ``residual``: an array of x's shape and dtype (any memory order; never modified,
+        and out must not overlap it) added before the activation:
+        y = act(bn(x) + residual)."""
         x, axis = check_data(x, self.axis, self.num_features)
+        relu = check_activation(self.activation) is not None
+        if residual is not None:
+            residual = check_residual(residual, x)
         if out is not None:
-            out = check_out(out, x, may_alias=((x, "the input"),))
+            out = check_out(out, x, may_alias=((x, "the input"),),
+                            must_not_overlap=(() if residual is None
+                                              else ((residual, "the residual"),)))
         weight, bias, running_mean, running_var = self._kernel_params()
         if self.training or not self.track_running_stats:
             check_batch_stats_possible(x, axis)
             y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out,
-                                         params_checked=True)
+                                         params_checked=True, residual=residual, relu=relu)
         else:
             y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
-                                         running_var, params_checked=True)
+                                         running_var, params_checked=True, residual=residual,
+                                         relu=relu)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / self.num_batches_tracked if self.momentum is None
@@ -115,11 +133,14 @@ class BatchNorm:
         return checked
 
     def backward(self, dy, out=None):
-        """Gradient of the last forward: returns dx and accumulates grad_weight/grad_bias.
+        """Gradient of the last forward: returns dx, or ``(dx, dresidual)`` when that
+        forward had a residual, and accumulates grad_weight/grad_bias.
 
         After a training-mode forward the gradient flows through the batch statistics;
-        after an eval-mode forward they are constants.  ``out``: array for dx (dy's
-        shape and dtype); it may be dy itself but must not overlap the saved input."""
+        after an eval-mode forward they are constants.  With ``activation="relu"`` the
+        gradient flows where the forward's output is > 0 (dy is the gradient of the
+        activation's output).  ``out``: array for dx (dy's shape and dtype); it may be dy
+        itself but must not overlap the saved input or the saved output."""
         saved = self._saved
         if saved is None:
             raise ValueError("backward() called before any forward(): nothing to "
@@ -129,13 +150,15 @@ class BatchNorm:
                              "needs was overwritten; use a separate out array")
         dy = check_like(dy, saved.layout.shape, saved.x_dense.dtype, "dy", "the last input")
         out = check_out(out, dy, may_alias=((dy, "dy"),),
-                        must_not_overlap=((saved.x_dense, "the saved input"),))
-        dx, grads = _dispatch.backward(dy, saved, self.weight, out)
+                        must_not_overlap=((saved.x_dense, "the saved input"),)
+                        + (() if saved.y_dense is None
+                           else ((saved.y_dense, "the last output (the ReLU mask)"),)))
+        dx, grads, dresidual = _dispatch.backward(dy, saved, self.weight, out)
         if self.affine:
             channels = self.num_features
             self.grad_weight += grads[:channels]
             self.grad_bias += grads[channels:]
-        return dx
+        return dx if dresidual is None else (dx, dresidual)
 
     def parameters(self):
         """[(weight, grad_weight), (bias, grad_bias)] for an optimizer loop; empty when
@@ -232,7 +255,7 @@ class BatchNorm:
         return {"num_features": self.num_features, "eps": self.eps,
                 "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "axis": self.axis,
-                "dtype": self.dtype.name}
+                "dtype": self.dtype.name, "activation": self.activation}
 
     def save(self, path):
         """Write hyperparameters, mode and state to an .npz file (numpy adds the suffix
@@ -254,7 +277,8 @@ class BatchNorm:
         return layer.train(training)
 
     def __repr__(self):
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+                f"axis={self.axis}{activation})")
 

@@ -162,3 +162,17 @@ def check_param_dtype(dtype):
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     return dtype
+
+
+
+def check_activation(activation):
+    """The fused activation: None or "relu"."""
+    if activation is not None and not (isinstance(activation, str) and activation == "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
+def check_residual(residual, x):
+    """The residual of a fused forward, y = act(bn(x) + residual): an array of x's shape
+    and dtype, in any memory order.  It is only read (out must not overlap it)."""
+    return check_like(residual, x.shape, x.dtype, "residual", "the input")

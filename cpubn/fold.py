@@ -16,6 +16,11 @@ padded zero is not the normalized value of anything, so near the borders no chan
 weights reproduces conv(bn(x)) exactly.  (Without padding it is exact, but a function that
 is right only for some convolutions would be a trap.)
 
+A BatchNorm with a fused ``activation="relu"`` folds into the layer before it, which
+then computes the BatchNorm's output *before* the activation: apply the ReLU to the
+folded layer's output (np.maximum(y, 0)).  It cannot fold into the layer after it, since
+the ReLU sits between the two.
+
 Everything is computed in float64 from the BatchNorm's stored running statistics, eps,
 weight and bias (gamma = 1, beta = 0 when ``affine=False``), and returned as new arrays in
 the dtype of the given weight; the inputs are never modified.  All checks run before any
@@ -44,6 +49,7 @@ def fold_into_linear(weight, bias, bn, weight_layout="out_in"):
     bias: (out_features,) float array, or None (no bias: one is created).
     bn: a cpubn.BatchNorm in eval mode with running statistics and
         ``num_features == out_features``; its features must be the layer's outputs.
+        Its activation, if any, is not part of the fold: apply it to the folded output.
     """
     _check_foldable(bn)
     weight = _float_array(weight, "weight")
@@ -75,7 +81,8 @@ def fold_into_conv(weight, bias, bn, transposed=False, groups=1):
         float64; the results have its dtype.
     bias: (out_channels,) float array, or None (no bias: one is created).
     bn: a cpubn.BatchNorm in eval mode with running statistics and
-        ``num_features == out_channels``.
+        ``num_features == out_channels``.  Its activation, if any, is not part of the
+        fold: apply it to the folded convolution's output.
     groups: the convolution's groups.  Only a transposed convolution needs it (its axis 1
         holds out_channels / groups, and input-channel group g feeds output channels
         g * out_channels / groups onwards); an ordinary convolution's axis 0 already holds
@@ -136,9 +143,13 @@ def fold_into_following_linear(bn, weight, bias, weight_layout="out_in"):
         (in_features, out_features) with ``weight_layout="in_out"``.  float16, float32 or
         float64; the results have its dtype.
     bias: (out_features,) float array, or None (no bias: one is created).
-    bn: a cpubn.BatchNorm in eval mode with running statistics.
+    bn: a cpubn.BatchNorm in eval mode with running statistics and no fused activation
+        (a ReLU between the BatchNorm and the layer cannot be folded).
     """
     _check_foldable(bn)
+    if bn.activation is not None:
+        raise ValueError(f"cannot fold {bn!r} into the following linear layer: its "
+                         f"activation {bn.activation!r} sits between the two")
     weight = _float_array(weight, "weight")
     layout = _check_linear_layout(weight_layout)
     _check_ndim(weight, 2, "a linear layer's weight",

@@ -11,14 +11,23 @@ With training=True the gradient flows through the batch statistics:
     dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = (x - mean) * invstd
 and with training=False the statistics are constants: dx = gamma * invstd * dy.
 Always: grads = [grad_weight = sum(dy * xhat), grad_bias = sum(dy)], accumulated in double.
+
+Fused epilogue (the forward added a residual and/or applied a ReLU): the gradient that
+reaches the normalization is g = (y <= 0 ? 0 : dy) with y the forward's output (ReLU), or
+g = dy (residual add only).  The first pass computes g, stores it in the g buffer (the
+residual's gradient, or else dx itself) and accumulates the sums of g instead of dy; the
+second pass is the usual input gradient with dy := g, read back while it is still in
+cache on the channel-block path.  DRAM: dy, y and x read once, dx (and the residual's
+gradient) written once; dx is then written with ordinary stores, over the lines of g.
 """
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (floating, rows_grad_sums, rows_input_grad, rows_normalize, run_grad_sums,
-                       run_input_grad, run_normalize)
+from bn_loops cimport (floating, rows_grad_sums, rows_input_grad, rows_masked_grad_sums,
+                       rows_normalize, run_grad_sums, run_input_grad, run_masked_grad_sums,
+                       run_normalize, shifted)
 from params cimport data_of, gamma_of, is_float32, param_t
 from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
                         channels_per_block, chunks_per_run, ordered_sum, rows_per_block)
@@ -53,6 +62,30 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
     grads[C + c] = sum_dy
 
 
+cdef inline void chunk_grad_sums(const floating* dy, const floating* y, const floating* x,
+                                 floating* g, Py_ssize_t offset, Py_ssize_t n, double mean,
+                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    # The sums of the gradient reaching the normalization over x[offset:offset + n]: dy's
+    # (g == NULL), or those of the fused epilogue's g, which is stored into g as well.
+    if g == NULL:
+        run_grad_sums(dy + offset, x + offset, n, mean, sum_dy, sum_dy_xmu)
+    else:
+        run_masked_grad_sums(dy + offset, shifted(y, offset), x + offset, g + offset, n, mean,
+                             sum_dy, sum_dy_xmu)
+
+
+cdef inline void block_grad_sums(const floating* dy, const floating* y, const floating* x,
+                                 floating* g, Py_ssize_t offset, Py_ssize_t rows, Py_ssize_t C,
+                                 const double* mean, double* sum_dy,
+                                 double* sum_dy_xmu) noexcept nogil:
+    # chunk_grad_sums for a block of channels-last rows starting at element offset.
+    if g == NULL:
+        rows_grad_sums(dy + offset, x + offset, rows, C, mean, sum_dy, sum_dy_xmu)
+    else:
+        rows_masked_grad_sums(dy + offset, shifted(y, offset), x + offset, g + offset, rows, C,
+                              mean, sum_dy, sum_dy_xmu)
+
+
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
 cdef inline void input_grad_run(const floating* dy, const floating* x, floating* dx,
@@ -64,18 +97,20 @@ cdef inline void input_grad_run(const floating* dy, const floating* x, floating*
         run_normalize(dy, dx, S, 0, k, 0, stream)   # dx = dy * k; x is not read
 
 
-cdef void backward_channel_block(const floating* dy, const floating* x, floating* dx,
-                                 const double* stats, const param_t* weight, bint training,
-                                 double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                                 Py_ssize_t c0, Py_ssize_t c1, bint stream) noexcept nogil:
+cdef void backward_channel_block(const floating* dy, const floating* y, const floating* x,
+                                 floating* g, floating* dx, const double* stats,
+                                 const param_t* weight, bint training, double* grads,
+                                 Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0,
+                                 Py_ssize_t c1, bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: the gradient sums, then dx while the
-    # block's dy and x slabs are still in L2 (DRAM: dy and x read once, dx written once).
-    # Each channel adds its partials in (n, chunk) order, as the split path does.
+    # block's dy (or g) and x slabs are still in L2 (DRAM: dy and x read once, dx written
+    # once).  Each channel adds its partials in (n, chunk) order, as the split path does.
     cdef double sum_dy[MAX_CHANNEL_BLOCK]
     cdef double sum_dy_xmu[MAX_CHANNEL_BLOCK]
     cdef floating constants[4 * MAX_CHANNEL_BLOCK]
     cdef Py_ssize_t n, j, k, offset, width = c1 - c0
     cdef double part_dy, part_dy_xmu
+    cdef const floating* grad = dy if g == NULL else g    # what the dx pass differentiates
     for j in range(width):
         sum_dy[j] = 0.0
         sum_dy_xmu[j] = 0.0
@@ -83,8 +118,8 @@ cdef void backward_channel_block(const floating* dy, const floating* x, floating
         for j in range(width):
             for k in range(chunks_per_run(S)):
                 offset = (n * C + c0 + j) * S + k * RUN_CHUNK
-                run_grad_sums(dy + offset, x + offset, chunk_length(S, k), stats[c0 + j],
-                              &part_dy, &part_dy_xmu)
+                chunk_grad_sums(dy, y, x, g, offset, chunk_length(S, k), stats[c0 + j],
+                                &part_dy, &part_dy_xmu)
                 sum_dy[j] += part_dy
                 sum_dy_xmu[j] += part_dy_xmu
     for j in range(width):
@@ -97,15 +132,15 @@ cdef void backward_channel_block(const floating* dy, const floating* x, floating
     for n in range(N):
         for j in range(width):
             offset = (n * C + c0 + j) * S
-            input_grad_run(dy + offset, x + offset, dx + offset, S, constants[j],
+            input_grad_run(grad + offset, x + offset, dx + offset, S, constants[j],
                            constants[MAX_CHANNEL_BLOCK + j],
                            constants[2 * MAX_CHANNEL_BLOCK + j],
                            constants[3 * MAX_CHANNEL_BLOCK + j], training, stream)
 
 
-cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
-                       const double* stats, const param_t* weight, bint training,
-                       double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef int backward_nchw(const floating* dy, const floating* y, const floating* x, floating* g,
+                       floating* dx, const double* stats, const param_t* weight,
+                       bint training, double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        int n_threads, bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (backward_channel_block).
     # Otherwise partial sums are computed in parallel in memory order, added per channel
@@ -118,11 +153,12 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
     cdef double sum_dy, sum_dy_xmu
     cdef double* partials
     cdef floating* constants
+    cdef const floating* grad = dy if g == NULL else g
 
     if blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            backward_channel_block(dy, x, dx, stats, weight, training, grads, N, C, S,
+            backward_channel_block(dy, y, x, g, dx, stats, weight, training, grads, N, C, S,
                                    b * per_block, min(C, (b + 1) * per_block), stream)
         return 0
 
@@ -141,9 +177,9 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
         c = (u // chunks) % C
         k = u % chunks
         offset = (n * C + c) * S + k * RUN_CHUNK
-        run_grad_sums(dy + offset, x + offset, chunk_length(S, k), stats[c],
-                      &partials[c * units + n * chunks + k],
-                      &partials[C * units + c * units + n * chunks + k])
+        chunk_grad_sums(dy, y, x, g, offset, chunk_length(S, k), stats[c],
+                        &partials[c * units + n * chunks + k],
+                        &partials[C * units + c * units + n * chunks + k])
     for c in range(C):
         sum_dy = ordered_sum(partials + c * units, units, 1)
         sum_dy_xmu = ordered_sum(partials + C * units + c * units, units, 1)
@@ -154,7 +190,7 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
     for u in prange(N * C, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         c = u % C
-        input_grad_run(dy + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
+        input_grad_run(grad + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
                        constants[2 * C + c], constants[3 * C + c], training, stream)
     free(partials)
     free(constants)
@@ -163,9 +199,9 @@ cdef int backward_nchw(const floating* dy, const floating* x, floating* dx,
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
-cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
-                       const double* stats, const param_t* weight, bint training,
-                       double* grads, Py_ssize_t R, Py_ssize_t C,
+cdef int backward_nhwc(const floating* dy, const floating* y, const floating* x, floating* g,
+                       floating* dx, const double* stats, const param_t* weight,
+                       bint training, double* grads, Py_ssize_t R, Py_ssize_t C,
                        int n_threads, bint stream) noexcept nogil:
     # Per-block sums of all channels (vectorized over C), summed per channel in block
     # order, then a pass writing dx.  DRAM: dy and x read twice (x once in eval mode),
@@ -176,6 +212,7 @@ cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
     cdef double sum_dy, sum_dy_xmu
     cdef double* partials = <double*>malloc(2 * blocks * C * sizeof(double))
     cdef floating* constants = <floating*>malloc(4 * C * sizeof(floating))
+    cdef const floating* grad = dy if g == NULL else g
     if partials == NULL or constants == NULL:
         free(partials)
         free(constants)
@@ -183,8 +220,8 @@ cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
     # Block b's sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at partials[(blocks + b) * C:].
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        rows_grad_sums(dy + b * rows * C, x + b * rows * C, block_rows(R, rows, b), C, stats,
-                       partials + b * C, partials + (blocks + b) * C)
+        block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
+                        partials + b * C, partials + (blocks + b) * C)
     for c in prange(C, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         sum_dy = ordered_sum(partials + c, blocks, C)
@@ -196,54 +233,73 @@ cdef int backward_nhwc(const floating* dy, const floating* x, floating* dx,
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         if training:
-            rows_input_grad(dy + b * rows * C, x + b * rows * C, dx + b * rows * C,
+            rows_input_grad(grad + b * rows * C, x + b * rows * C, dx + b * rows * C,
                             block_rows(R, rows, b), C, constants, constants + C,
                             constants + 2 * C, constants + 3 * C, stream)
         else:
             # dx = (dy - 0) * k + 0: mean_hi and b are zero in eval mode; x is not read.
-            rows_normalize(dy + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
+            rows_normalize(grad + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
                            constants + 2 * C, constants, constants + 3 * C, stream)
     free(partials)
     free(constants)
     return 0
 
 
-cdef inline int backward_any(const floating* dy, const floating* x, floating* dx,
-                             const double* stats, const param_t* weight, bint training,
-                             double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             int n_threads, bint stream) noexcept nogil:
+cdef inline int backward_any(const floating* dy, const floating* y, const floating* x,
+                             floating* g, floating* dx, const double* stats,
+                             const param_t* weight, bint training, double* grads, Py_ssize_t N,
+                             Py_ssize_t C, Py_ssize_t S, int n_threads,
+                             bint stream) noexcept nogil:
     if S == 1:
-        return backward_nhwc(dy, x, dx, stats, weight, training, grads, N, C, n_threads,
-                             stream)
-    return backward_nchw(dy, x, dx, stats, weight, training, grads, N, C, S, n_threads,
+        return backward_nhwc(dy, y, x, g, dx, stats, weight, training, grads, N, C,
+                             n_threads, stream)
+    return backward_nchw(dy, y, x, g, dx, stats, weight, training, grads, N, C, S, n_threads,
                          stream)
 
 
 def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ssize_t C,
-             Py_ssize_t S, int n_threads, bint stream):
+             Py_ssize_t S, int n_threads, bint stream, y=None, dresidual=None):
     """dx, and grads = [grad_weight, grad_bias] (float64), for a forward that used the
     statistics in stats ([mean, invstd]).  S == 1 selects the channels-last kernel;
-    stream writes dx with non-temporal stores."""
+    stream writes dx with non-temporal stores.
+
+    Fused epilogue: y (the forward's output, dense like x, overlapping neither dx nor
+    dresidual) for a forward with ReLU, and dresidual (a dense array like x, overlapping
+    nothing) for one with a residual, which receives the residual's gradient; dx then
+    holds the gradient with respect to x as usual."""
     cdef void* pdy = data_of(dy)
+    cdef void* py = data_of(y)
     cdef void* px = data_of(x)
     cdef void* pdx = data_of(dx)
+    # Where g goes: the residual's gradient is g itself; otherwise dx holds g until the
+    # input-gradient pass overwrites it.  NULL: no epilogue, the kernels read dy.
+    cdef void* pg = data_of(dresidual) if dresidual is not None else (
+        pdx if y is not None else NULL)
+    if pg == pdx:
+        # dx's lines are already in cache, holding g: overwrite them there.  Streaming
+        # stores would evict them first, which costs more than it saves (measured).
+        stream = False
     cdef void* pw = data_of(weight)
     cdef const double* ps = <const double*>data_of(stats)
-    cdef double* pg = <double*>data_of(grads)
+    cdef double* pgr = <double*>data_of(grads)
     cdef bint data32 = is_float32(dy), param32 = weight is None or is_float32(weight)
     cdef int status
     with nogil:
         if data32 and param32:
-            status = backward_any(<float*>pdy, <float*>px, <float*>pdx, ps, <float*>pw,
-                                  training, pg, N, C, S, n_threads, stream)
+            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
+                                  <float*>pdx, ps, <float*>pw, training, pgr, N, C, S,
+                                  n_threads, stream)
         elif data32:
-            status = backward_any(<float*>pdy, <float*>px, <float*>pdx, ps, <double*>pw,
-                                  training, pg, N, C, S, n_threads, stream)
+            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
+                                  <float*>pdx, ps, <double*>pw, training, pgr, N, C, S,
+                                  n_threads, stream)
         elif param32:
-            status = backward_any(<double*>pdy, <double*>px, <double*>pdx, ps, <float*>pw,
-                                  training, pg, N, C, S, n_threads, stream)
+            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
+                                  <double*>pdx, ps, <float*>pw, training, pgr, N, C, S,
+                                  n_threads, stream)
         else:
-            status = backward_any(<double*>pdy, <double*>px, <double*>pdx, ps, <double*>pw,
-                                  training, pg, N, C, S, n_threads, stream)
+            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
+                                  <double*>pdx, ps, <double*>pw, training, pgr, N, C, S,
+                                  n_threads, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")

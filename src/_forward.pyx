@@ -10,6 +10,10 @@ length-C arrays of one float dtype; stats is a contiguous float64 array of 3*C (
 
 stats receives, back to back: mean, invstd = 1 / sqrt(var + eps) and (train only) the
 biased batch variance, all float64.  The kernels release the GIL while they run.
+
+Fused epilogue: with a residual r (None, or an array like x that overlaps neither x nor y)
+and/or relu, y = relu(bn(x) + r) is written in the same pass that writes bn(x) (x, r read
+once, y written once): no extra memory and, on large tensors, about the time of bn alone.
 """
 from cython.parallel cimport prange
 from libc.math cimport sqrt
@@ -17,10 +21,11 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport chan_merge, floating, rows_mean_m2, rows_normalize, run_mean_m2, run_normalize
+from bn_loops cimport (chan_merge, combine_row_blocks, floating, rows_mean_m2,
+                       rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
 from params cimport beta_of, data_of, gamma_of, is_float32, param_t, params_float32
-from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
-                        channels_per_block, chunks_per_run, rows_per_block)
+from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows,
+                        chunk_length, channels_per_block, chunks_per_run, rows_per_block)
 
 cnp.import_array()
 
@@ -49,14 +54,16 @@ cdef inline void store_channel(double mean, double m2, double count, double eps,
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
-cdef void train_channel_block(const floating* x, floating* y, const param_t* weight,
-                              const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                              Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0, Py_ssize_t c1,
+cdef void train_channel_block(const floating* x, const floating* r, floating* y,
+                              const param_t* weight, const param_t* bias, double eps,
+                              double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                              Py_ssize_t c0, Py_ssize_t c1, bint relu,
                               bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: statistics, then normalization while the
     # block's slab is still in L2, so DRAM sees x read once and y written once.  Each
     # channel merges its partials (one per run chunk) in (n, chunk) order, the order the
-    # split path of train_nchw uses too: both give identical bits.
+    # split path of train_nchw uses too: both give identical bits.  (Interleaving the next
+    # block's reads with this block's writes was tried: no gain at 1 or 2 threads.)
     cdef double count[MAX_CHANNEL_BLOCK]
     cdef double mean[MAX_CHANNEL_BLOCK]
     cdef double m2[MAX_CHANNEL_BLOCK]
@@ -82,26 +89,28 @@ cdef void train_channel_block(const floating* x, floating* y, const param_t* wei
                             &constants[2 * MAX_CHANNEL_BLOCK + j])
     for n in range(N):
         for j in range(width):
-            run_normalize(x + (n * C + c0 + j) * S, y + (n * C + c0 + j) * S, S,
-                          constants[j], constants[MAX_CHANNEL_BLOCK + j],
-                          constants[2 * MAX_CHANNEL_BLOCK + j], stream)
+            run_normalize_act(x + (n * C + c0 + j) * S, shifted(r, (n * C + c0 + j) * S),
+                              y + (n * C + c0 + j) * S, S, constants[j],
+                              constants[MAX_CHANNEL_BLOCK + j],
+                              constants[2 * MAX_CHANNEL_BLOCK + j], relu, stream)
 
 
-cdef void normalize_runs_nchw(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C,
-                              Py_ssize_t S, const floating* constants, int n_threads,
-                              bint stream) noexcept nogil:
+cdef void normalize_runs_nchw(const floating* x, const floating* r, floating* y, Py_ssize_t N,
+                              Py_ssize_t C, Py_ssize_t S, const floating* constants,
+                              int n_threads, bint relu, bint stream) noexcept nogil:
     # constants: mean_hi[C], scale[C], shift[C] back to back.
     cdef Py_ssize_t run, c
     for run in prange(N * C, schedule='static', num_threads=n_threads,
                       use_threads_if=n_threads > 1):
         c = run % C
-        run_normalize(x + run * S, y + run * S, S, constants[c], constants[C + c],
-                      constants[2 * C + c], stream)
+        run_normalize_act(x + run * S, shifted(r, run * S), y + run * S, S, constants[c],
+                          constants[C + c], constants[2 * C + c], relu, stream)
 
 
-cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
+cdef int train_nchw(const floating* x, const floating* r, floating* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                    Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream) noexcept nogil:
+                    Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
+                    bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (train_channel_block).
     # Otherwise (few channels) the partials are computed in parallel in memory order,
     # merged per channel, and y is written in a second pass.
@@ -117,8 +126,8 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
     if blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            train_channel_block(x, y, weight, bias, eps, stats, N, C, S, b * per_block,
-                                min(C, (b + 1) * per_block), stream)
+            train_channel_block(x, r, y, weight, bias, eps, stats, N, C, S, b * per_block,
+                                min(C, (b + 1) * per_block), relu, stream)
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -148,7 +157,7 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
         store_channel(mean, m2, count, eps, c, C, stats)
         normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_runs_nchw(x, y, N, C, S, constants, n_threads, stream)
+    normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
     free(partials)
     free(constants)
     return 0
@@ -156,50 +165,51 @@ cdef int train_nchw(const floating* x, floating* y, const param_t* weight,
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
-cdef void normalize_blocks_nhwc(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                                const floating* constants, int n_threads,
-                                bint stream) noexcept nogil:
+cdef void normalize_blocks_nhwc(const floating* x, const floating* r, floating* y, Py_ssize_t R,
+                                Py_ssize_t C, const floating* constants, int n_threads,
+                                bint relu, bint stream) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
     for b in prange(block_count(R, rows), schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        rows_normalize(x + b * rows * C, y + b * rows * C, block_rows(R, rows, b), C,
-                       constants, constants + C, constants + 2 * C, stream)
+        rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
+                           block_rows(R, rows, b), C, constants, constants + C,
+                           constants + 2 * C, relu, stream)
 
 
-cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
+cdef int train_nhwc(const floating* x, const floating* r, floating* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, Py_ssize_t R,
-                    Py_ssize_t C, int n_threads, bint stream) noexcept nogil:
+                    Py_ssize_t C, int n_threads, bint relu, bint stream) noexcept nogil:
     # Per-block statistics of all channels at once (the channel loop is the vector loop),
-    # merged per channel in block order, then a normalization pass.  DRAM traffic: x read
-    # twice, y written once.
+    # combined per channel in block order, then a normalization pass.  DRAM traffic: x
+    # read twice, y written once.
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
-    cdef Py_ssize_t b, block, c
-    cdef double count, mean, m2
-    cdef double* partials = <double*>malloc(3 * blocks * C * sizeof(double))
+    cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
+    cdef Py_ssize_t b, t, c
+    cdef double* partials = <double*>malloc((3 * blocks + 3) * C * sizeof(double))
+    cdef double* combined
     cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
     if partials == NULL or constants == NULL:
         free(partials)
         free(constants)
         return -1
-    # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], and its
-    # scratch at partials[(2 * blocks + b) * C:].
+    # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], its
+    # scratch at partials[(2 * blocks + b) * C:]; then the combined mean, m2 and scratch.
+    combined = partials + 3 * blocks * C
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
                      partials + (blocks + b) * C, partials + (2 * blocks + b) * C)
-    for c in prange(C, schedule='static', num_threads=n_threads,
+    for t in prange(tiles, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for block in range(blocks):
-            chan_merge(&count, &mean, &m2, <double>block_rows(R, rows, block),
-                       partials[block * C + c], partials[(blocks + block) * C + c])
-        store_channel(mean, m2, count, eps, c, C, stats)
-        normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
+        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
+                           t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
+                           combined + C, combined + 2 * C)
+    for c in range(C):
+        store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
+        normalize_constants(combined[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_blocks_nhwc(x, y, R, C, constants, n_threads, stream)
+    normalize_blocks_nhwc(x, r, y, R, C, constants, n_threads, relu, stream)
     free(partials)
     free(constants)
     return 0
@@ -207,10 +217,10 @@ cdef int train_nhwc(const floating* x, floating* y, const param_t* weight,
 
 # ---------------------------------------------------------------- eval (given statistics)
 
-cdef int eval_any(const floating* x, floating* y, const param_t* mean, const param_t* var,
-                  const param_t* weight, const param_t* bias, double eps, double* stats,
-                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
-                  bint stream) noexcept nogil:
+cdef int eval_any(const floating* x, const floating* r, floating* y, const param_t* mean,
+                  const param_t* var, const param_t* weight, const param_t* bias, double eps,
+                  double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
+                  bint relu, bint stream) noexcept nogil:
     # One pass over the data: x read once, y written once.
     cdef Py_ssize_t c
     cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
@@ -222,30 +232,32 @@ cdef int eval_any(const floating* x, floating* y, const param_t* mean, const par
         normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     if S == 1:
-        normalize_blocks_nhwc(x, y, N, C, constants, n_threads, stream)
+        normalize_blocks_nhwc(x, r, y, N, C, constants, n_threads, relu, stream)
     else:
-        normalize_runs_nchw(x, y, N, C, S, constants, n_threads, stream)
+        normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
     free(constants)
     return 0
 
 
-cdef inline int train_any(const floating* x, floating* y, const param_t* weight,
-                          const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                          Py_ssize_t C, Py_ssize_t S, int n_threads,
-                          bint stream) noexcept nogil:
+cdef inline int train_any(const floating* x, const floating* r, floating* y,
+                          const param_t* weight, const param_t* bias, double eps,
+                          double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          int n_threads, bint relu, bint stream) noexcept nogil:
     if S == 1:
-        return train_nhwc(x, y, weight, bias, eps, stats, N, C, n_threads, stream)
-    return train_nchw(x, y, weight, bias, eps, stats, N, C, S, n_threads, stream)
+        return train_nhwc(x, r, y, weight, bias, eps, stats, N, C, n_threads, relu, stream)
+    return train_nchw(x, r, y, weight, bias, eps, stats, N, C, S, n_threads, relu, stream)
 
 
 # ---------------------------------------------------------------- entry points
 
 def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_t C,
-                  Py_ssize_t S, int n_threads, bint stream):
+                  Py_ssize_t S, int n_threads, bint stream, residual=None, bint relu=False):
     """Training forward: batch statistics into stats (mean, invstd, biased var), then
-    y = (x - mean) * invstd * weight + bias.  S == 1 selects the channels-last kernel;
-    stream writes y with non-temporal stores."""
+    y = (x - mean) * invstd * weight + bias, plus residual (None or a dense array like x)
+    and then max(., 0) if relu, in the same pass.  S == 1 selects the channels-last
+    kernel; stream writes y with non-temporal stores."""
     cdef void* px = data_of(x)
+    cdef void* pr = data_of(residual)
     cdef void* py = data_of(y)
     cdef void* pw = data_of(weight)
     cdef void* pb = data_of(bias)
@@ -254,26 +266,28 @@ def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_
     cdef int status
     with nogil:
         if data32 and param32:
-            status = train_any(<float*>px, <float*>py, <float*>pw, <float*>pb, eps, ps,
-                               N, C, S, n_threads, stream)
+            status = train_any(<float*>px, <float*>pr, <float*>py, <float*>pw, <float*>pb,
+                               eps, ps, N, C, S, n_threads, relu, stream)
         elif data32:
-            status = train_any(<float*>px, <float*>py, <double*>pw, <double*>pb, eps, ps,
-                               N, C, S, n_threads, stream)
+            status = train_any(<float*>px, <float*>pr, <float*>py, <double*>pw, <double*>pb,
+                               eps, ps, N, C, S, n_threads, relu, stream)
         elif param32:
-            status = train_any(<double*>px, <double*>py, <float*>pw, <float*>pb, eps, ps,
-                               N, C, S, n_threads, stream)
+            status = train_any(<double*>px, <double*>pr, <double*>py, <float*>pw, <float*>pb,
+                               eps, ps, N, C, S, n_threads, relu, stream)
         else:
-            status = train_any(<double*>px, <double*>py, <double*>pw, <double*>pb, eps, ps,
-                               N, C, S, n_threads, stream)
+            status = train_any(<double*>px, <double*>pr, <double*>py, <double*>pw,
+                               <double*>pb, eps, ps, N, C, S, n_threads, relu, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")
 
 
 def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
-                 Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream):
+                 Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream, residual=None,
+                 bint relu=False):
     """Eval forward with given statistics: stats receives mean and invstd (float64), and
-    y = (x - mean) * invstd * weight + bias."""
+    y = (x - mean) * invstd * weight + bias (+ residual, then max(., 0) if relu)."""
     cdef void* px = data_of(x)
+    cdef void* pr = data_of(residual)
     cdef void* py = data_of(y)
     cdef void* pm = data_of(mean)
     cdef void* pv = data_of(var)
@@ -284,16 +298,20 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
     cdef int status
     with nogil:
         if data32 and param32:
-            status = eval_any(<float*>px, <float*>py, <float*>pm, <float*>pv, <float*>pw,
-                              <float*>pb, eps, ps, N, C, S, n_threads, stream)
+            status = eval_any(<float*>px, <float*>pr, <float*>py, <float*>pm, <float*>pv,
+                              <float*>pw, <float*>pb, eps, ps, N, C, S, n_threads, relu,
+                              stream)
         elif data32:
-            status = eval_any(<float*>px, <float*>py, <double*>pm, <double*>pv, <double*>pw,
-                              <double*>pb, eps, ps, N, C, S, n_threads, stream)
+            status = eval_any(<float*>px, <float*>pr, <float*>py, <double*>pm, <double*>pv,
+                              <double*>pw, <double*>pb, eps, ps, N, C, S, n_threads, relu,
+                              stream)
         elif param32:
-            status = eval_any(<double*>px, <double*>py, <float*>pm, <float*>pv, <float*>pw,
-                              <float*>pb, eps, ps, N, C, S, n_threads, stream)
+            status = eval_any(<double*>px, <double*>pr, <double*>py, <float*>pm, <float*>pv,
+                              <float*>pw, <float*>pb, eps, ps, N, C, S, n_threads, relu,
+                              stream)
         else:
-            status = eval_any(<double*>px, <double*>py, <double*>pm, <double*>pv,
-                              <double*>pw, <double*>pb, eps, ps, N, C, S, n_threads, stream)
+            status = eval_any(<double*>px, <double*>pr, <double*>py, <double*>pm,
+                              <double*>pv, <double*>pw, <double*>pb, eps, ps, N, C, S,
+                              n_threads, relu, stream)
     if status != 0:
         raise MemoryError("cpubn: could not allocate kernel scratch")

@@ -28,8 +28,12 @@
 
 #if defined(_MSC_VER)
 #define CPUBN_RESTRICT __restrict
+#define CPUBN_INLINE static __forceinline
 #else
 #define CPUBN_RESTRICT __restrict__
+/* Helpers must be inlined into each multiversioned caller: a separate copy would be
+ * compiled for baseline x86-64 only and run the hot loops without AVX. */
+#define CPUBN_INLINE static inline __attribute__((always_inline))
 #endif
 
 #if defined(_OPENMP)
@@ -104,6 +108,40 @@ static inline void chan_merge(double *count_a, double *mean_a, double *m2_a,
         *m2_a = NAN;
     }
     *count_a = count;
+}
+
+/* Combine channels-last block partials for channels c0 <= c < c1: block b holds
+ * min(rows, R - b * rows) rows and per-channel means[b * C + c], m2s[b * C + c].  The
+ * weighted mean comes first, then the sum of within- and between-block squared deviations,
+ * corrected like run_mean_m2; no division per partial, and the channel loop vectorizes.
+ * Blocks are combined in index order, whoever computed them.  dev: scratch of C doubles. */
+static void combine_row_blocks(const double *means, const double *m2s, ptrdiff_t blocks,
+                               ptrdiff_t C, ptrdiff_t rows, ptrdiff_t R, ptrdiff_t c0,
+                               ptrdiff_t c1, double *mean, double *m2, double *dev)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) { mean[c] = 0.0; m2[c] = 0.0; dev[c] = 0.0; }
+    for (ptrdiff_t b = 0; b < blocks; b++) {
+        double count = (double)(R - b * rows < rows ? R - b * rows : rows);
+        const double *block_mean = means + b * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = c0; c < c1; c++) mean[c] += count * block_mean[c];
+    }
+    for (ptrdiff_t c = c0; c < c1; c++) mean[c] /= (double)R;
+    for (ptrdiff_t b = 0; b < blocks; b++) {
+        double count = (double)(R - b * rows < rows ? R - b * rows : rows);
+        const double *block_mean = means + b * C;
+        const double *block_m2 = m2s + b * C;
+        CPUBN_SIMD
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            double d = block_mean[c] - mean[c];
+            dev[c] += count * d;
+            m2[c] += block_m2[c] + count * d * d;
+        }
+    }
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        if (dev[c] - dev[c] == 0.0) mean[c] += dev[c] / (double)R;   /* finite: correct */
+        m2[c] -= dev[c] * dev[c] / (double)R;
+    }
 }
 
 #endif

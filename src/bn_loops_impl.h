@@ -3,40 +3,41 @@
 
 #define FN(name) CPUBN_CAT(name, SUFFIX)
 
-/* Sum of CPUBN_LANES accumulators in a fixed pairwise order. */
-static inline double FN(lanes_total)(const double *acc)
+/* Sum of `lanes` accumulators (a power of two) in a fixed pairwise order. */
+CPUBN_INLINE double FN(lanes_total)(const double *acc, int lanes)
 {
     double partial[CPUBN_LANES];
-    for (int j = 0; j < CPUBN_LANES; j++) partial[j] = acc[j];
-    for (int width = CPUBN_LANES / 2; width > 0; width /= 2)
+    for (int j = 0; j < lanes; j++) partial[j] = acc[j];
+    for (int width = lanes / 2; width > 0; width /= 2)
         for (int j = 0; j < width; j++) partial[j] += partial[j + width];
     return partial[0];
 }
 
-/* Mean and sum of squared deviations (m2) of x[0:n], n >= 1.  Two passes: the second
- * re-reads the run from cache, and subtracting the mean first keeps m2 exact for data
- * with a large offset, where E[x^2] - E[x]^2 would cancel.  The second pass also sums the
- * deviations, which corrects the rounding error of the first mean (the "corrected
- * two-pass" algorithm): a constant run gets its value back exactly, even in double. */
-CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
-                                         double *mean_out, double *m2_out)
+/* Mean and sum of squared deviations (m2) of x[0:n], n >= 1, with `lanes` independent
+ * accumulators (a literal at each call site, so each instance is specialized).  Two
+ * passes: the second re-reads the run from cache, and subtracting the mean first keeps
+ * m2 exact for data with a large offset, where E[x^2] - E[x]^2 would cancel.  The second
+ * pass also sums the deviations, which corrects the rounding error of the first mean
+ * (the "corrected two-pass" algorithm): a constant run gets its value back exactly. */
+CPUBN_INLINE void FN(mean_m2_lanes)(const T *CPUBN_RESTRICT x, ptrdiff_t n, int lanes,
+                                     double *mean_out, double *m2_out)
 {
     double acc[CPUBN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+    for (; i + lanes <= n; i += lanes) {
         CPUBN_SIMD
-        for (int j = 0; j < CPUBN_LANES; j++) acc[j] += (double)x[i + j];
+        for (int j = 0; j < lanes; j++) acc[j] += (double)x[i + j];
     }
     double tail = 0.0;
     for (; i < n; i++) tail += (double)x[i];
-    double mean = (FN(lanes_total)(acc) + tail) / (double)n;
+    double mean = (FN(lanes_total)(acc, lanes) + tail) / (double)n;
 
     double dev[CPUBN_LANES] = {0};
     double sq[CPUBN_LANES] = {0};
     i = 0;
-    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+    for (; i + lanes <= n; i += lanes) {
         CPUBN_SIMD
-        for (int j = 0; j < CPUBN_LANES; j++) {
+        for (int j = 0; j < lanes; j++) {
             double d = (double)x[i + j] - mean;
             dev[j] += d;
             sq[j] += d * d;
@@ -48,10 +49,24 @@ CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
         dev_tail += d;
         sq_tail += d * d;
     }
-    double dev_total = FN(lanes_total)(dev) + dev_tail;
+    double dev_total = FN(lanes_total)(dev, lanes) + dev_tail;
     /* With +-inf in the data the deviations are NaN: keep the (infinite) first mean. */
     *mean_out = dev_total - dev_total == 0.0 ? mean + dev_total / (double)n : mean;
-    *m2_out = FN(lanes_total)(sq) + sq_tail - dev_total * dev_total / (double)n;
+    *m2_out = FN(lanes_total)(sq, lanes) + sq_tail - dev_total * dev_total / (double)n;
+}
+
+/* Short runs (small feature maps such as 7x7) would spend more time folding 32
+ * accumulators than adding their elements: they use 8.  The choice depends on the run
+ * length alone, i.e. on the shape, never on the thread count. */
+#define CPUBN_SHORT_RUN 256
+
+CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
+                                         double *mean_out, double *m2_out)
+{
+    if (n < CPUBN_SHORT_RUN)
+        FN(mean_m2_lanes)(x, n, 8, mean_out, m2_out);
+    else
+        FN(mean_m2_lanes)(x, n, CPUBN_LANES, mean_out, m2_out);
 }
 
 /* y = (x - mean_hi) * scale + shift.  For float, mean_hi is the float nearest the double
@@ -64,17 +79,18 @@ CPUBN_CLONES static void FN(run_normalize)(const T *CPUBN_RESTRICT x, T *CPUBN_R
     for (ptrdiff_t i = 0; i < n; i++) y[i] = (x[i] - mean_hi) * scale + shift;
 }
 
-/* sum(dy) and sum(dy * (x - mean)) over a run, accumulated in double. */
-CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
-                                           ptrdiff_t n, double mean,
-                                           double *sum_dy_out, double *sum_dy_xmu_out)
+/* sum(dy) and sum(dy * (x - mean)) over a run, accumulated in double with `lanes`
+ * accumulators (8 for short runs, as in run_mean_m2). */
+CPUBN_INLINE void FN(grad_sums_lanes)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                       ptrdiff_t n, double mean, int lanes,
+                                       double *sum_dy_out, double *sum_dy_xmu_out)
 {
     double acc_dy[CPUBN_LANES] = {0};
     double acc_dy_xmu[CPUBN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + CPUBN_LANES <= n; i += CPUBN_LANES) {
+    for (; i + lanes <= n; i += lanes) {
         CPUBN_SIMD
-        for (int j = 0; j < CPUBN_LANES; j++) {
+        for (int j = 0; j < lanes; j++) {
             double g = (double)dy[i + j];
             acc_dy[j] += g;
             acc_dy_xmu[j] += g * ((double)x[i + j] - mean);
@@ -86,8 +102,18 @@ CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *
         tail_dy += g;
         tail_dy_xmu += g * ((double)x[i] - mean);
     }
-    *sum_dy_out = FN(lanes_total)(acc_dy) + tail_dy;
-    *sum_dy_xmu_out = FN(lanes_total)(acc_dy_xmu) + tail_dy_xmu;
+    *sum_dy_out = FN(lanes_total)(acc_dy, lanes) + tail_dy;
+    *sum_dy_xmu_out = FN(lanes_total)(acc_dy_xmu, lanes) + tail_dy_xmu;
+}
+
+CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
+                                           ptrdiff_t n, double mean,
+                                           double *sum_dy_out, double *sum_dy_xmu_out)
+{
+    if (n < CPUBN_SHORT_RUN)
+        FN(grad_sums_lanes)(dy, x, n, mean, 8, sum_dy_out, sum_dy_xmu_out);
+    else
+        FN(grad_sums_lanes)(dy, x, n, mean, CPUBN_LANES, sum_dy_out, sum_dy_xmu_out);
 }
 
 /* dx = dy * k + (x - mean_hi) * a + b: the training-mode input gradient with all
@@ -179,6 +205,182 @@ CPUBN_CLONES static void FN(rows_input_grad)(const T *CPUBN_RESTRICT dy, const T
     }
 }
 
+/* Fused epilogues of the normalization: y = act((x - mean_hi) * scale + shift + r), with a
+ * residual add when r != NULL and a ReLU when relu != 0.  The normalized value is rounded
+ * to T before the add, and the ReLU is `v < 0 ? 0 : v` (NaN propagates as in np.maximum,
+ * relu(0) = 0), so the result is bitwise the unfused sequence bn(x) + r, then
+ * np.maximum(., 0).  One loop per variant: the branch is taken once per call.  The plain
+ * normalization (no r, no ReLU) is run_normalize itself. */
+CPUBN_CLONES static void FN(run_normalize_fused)(const T *CPUBN_RESTRICT x,
+                                                 const T *CPUBN_RESTRICT r,
+                                                 T *CPUBN_RESTRICT y, ptrdiff_t n,
+                                                 T mean_hi, T scale, T shift, int relu)
+{
+    if (r == NULL) {
+        CPUBN_SIMD
+        for (ptrdiff_t i = 0; i < n; i++) {
+            T v = (x[i] - mean_hi) * scale + shift;
+            y[i] = v < 0 ? (T)0 : v;
+        }
+    } else if (!relu) {
+        CPUBN_SIMD
+        for (ptrdiff_t i = 0; i < n; i++) {
+            T v = (x[i] - mean_hi) * scale + shift;
+            y[i] = v + r[i];
+        }
+    } else {
+        CPUBN_SIMD
+        for (ptrdiff_t i = 0; i < n; i++) {
+            T v = (x[i] - mean_hi) * scale + shift;
+            v = v + r[i];
+            y[i] = v < 0 ? (T)0 : v;
+        }
+    }
+}
+
+CPUBN_CLONES static void FN(rows_normalize_fused)(const T *CPUBN_RESTRICT x,
+                                                  const T *CPUBN_RESTRICT r,
+                                                  T *CPUBN_RESTRICT y, ptrdiff_t rows,
+                                                  ptrdiff_t C, const T *CPUBN_RESTRICT mean_hi,
+                                                  const T *CPUBN_RESTRICT scale,
+                                                  const T *CPUBN_RESTRICT shift, int relu)
+{
+    if (r == NULL) {
+        for (ptrdiff_t row = 0; row < rows; row++) {
+            const T *xr = x + row * C;
+            T *yr = y + row * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) {
+                T v = (xr[c] - mean_hi[c]) * scale[c] + shift[c];
+                yr[c] = v < 0 ? (T)0 : v;
+            }
+        }
+    } else if (!relu) {
+        for (ptrdiff_t row = 0; row < rows; row++) {
+            const T *xr = x + row * C;
+            const T *rr = r + row * C;
+            T *yr = y + row * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) {
+                T v = (xr[c] - mean_hi[c]) * scale[c] + shift[c];
+                yr[c] = v + rr[c];
+            }
+        }
+    } else {
+        for (ptrdiff_t row = 0; row < rows; row++) {
+            const T *xr = x + row * C;
+            const T *rr = r + row * C;
+            T *yr = y + row * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) {
+                T v = (xr[c] - mean_hi[c]) * scale[c] + shift[c];
+                v = v + rr[c];
+                yr[c] = v < 0 ? (T)0 : v;
+            }
+        }
+    }
+}
+
+/* Elements of g stored before they are summed (a multiple of CPUBN_LANES; L1-sized). */
+#define CPUBN_MASK_BLOCK 1024
+
+/* The backward of the fused epilogue, folded into the gradient sums: g = (y <= 0 ? 0 : dy)
+ * (y is the forward's output, whose sign is the ReLU mask: y == 0 gives 0 as in PyTorch's
+ * threshold_backward, NaN passes the gradient), or g = dy when y == NULL (residual add
+ * without ReLU).  g is stored to g_out (dresidual, or the dx buffer that the input-gradient
+ * loop then reads back from cache), and sum(g), sum(g * (x - mean)) are accumulated in
+ * double exactly as run_grad_sums does for dy.  g_out may be dy itself (dx written over
+ * dy): each element is read before it is written, so dy and g_out are not restrict. */
+CPUBN_INLINE void FN(masked_grad_sums_lanes)(const T *dy, const T *CPUBN_RESTRICT y,
+                                              const T *CPUBN_RESTRICT x, T *g_out,
+                                              ptrdiff_t n, double mean, int lanes,
+                                              double *sum_g_out, double *sum_g_xmu_out)
+{
+    double acc_g[CPUBN_LANES] = {0};
+    double acc_g_xmu[CPUBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (ptrdiff_t start = 0; start < n; start += CPUBN_MASK_BLOCK) {
+        ptrdiff_t end = n - start < CPUBN_MASK_BLOCK ? n : start + CPUBN_MASK_BLOCK;
+        /* g is stored by a loop of its own and summed from L1 by the next: GCC does not
+         * vectorize a select that feeds float-to-double conversions in one loop. */
+        if (y != NULL) {
+            CPUBN_SIMD
+            for (ptrdiff_t k = start; k < end; k++) {
+                T d = dy[k];                    /* loaded unconditionally: a select */
+                g_out[k] = y[k] <= 0 ? (T)0 : d;
+            }
+        } else {
+            CPUBN_SIMD
+            for (ptrdiff_t k = start; k < end; k++) g_out[k] = dy[k];
+        }
+        /* Blocks hold whole lane groups, so the lanes see the elements in the order
+         * run_grad_sums gives them; only the last block leaves a tail. */
+        for (; i + lanes <= end; i += lanes) {
+            CPUBN_SIMD
+            for (int j = 0; j < lanes; j++) {
+                double g = (double)g_out[i + j];
+                acc_g[j] += g;
+                acc_g_xmu[j] += g * ((double)x[i + j] - mean);
+            }
+        }
+    }
+    double tail_g = 0.0, tail_g_xmu = 0.0;
+    for (; i < n; i++) {
+        double g = (double)g_out[i];
+        tail_g += g;
+        tail_g_xmu += g * ((double)x[i] - mean);
+    }
+    *sum_g_out = FN(lanes_total)(acc_g, lanes) + tail_g;
+    *sum_g_xmu_out = FN(lanes_total)(acc_g_xmu, lanes) + tail_g_xmu;
+}
+
+/* Same lane count as run_grad_sums for the same run length, so the sums (and dx) are
+ * bitwise those of the unfused sequence. */
+CPUBN_CLONES static void FN(run_masked_grad_sums)(const T *dy, const T *CPUBN_RESTRICT y,
+                                                  const T *CPUBN_RESTRICT x, T *g_out,
+                                                  ptrdiff_t n, double mean,
+                                                  double *sum_g_out, double *sum_g_xmu_out)
+{
+    if (n < CPUBN_SHORT_RUN)
+        FN(masked_grad_sums_lanes)(dy, y, x, g_out, n, mean, 8, sum_g_out, sum_g_xmu_out);
+    else
+        FN(masked_grad_sums_lanes)(dy, y, x, g_out, n, mean, CPUBN_LANES, sum_g_out,
+                                   sum_g_xmu_out);
+}
+
+/* Per-channel form of run_masked_grad_sums for a block of rows (overwrites the sums). */
+CPUBN_CLONES static void FN(rows_masked_grad_sums)(const T *dy, const T *CPUBN_RESTRICT y,
+                                                   const T *CPUBN_RESTRICT x, T *g_out,
+                                                   ptrdiff_t rows, ptrdiff_t C,
+                                                   const double *CPUBN_RESTRICT mean,
+                                                   double *CPUBN_RESTRICT sum_g,
+                                                   double *CPUBN_RESTRICT sum_g_xmu)
+{
+    for (ptrdiff_t c = 0; c < C; c++) { sum_g[c] = 0.0; sum_g_xmu[c] = 0.0; }
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *gr = dy + r * C;
+        const T *xr = x + r * C;
+        T *outr = g_out + r * C;
+        if (y != NULL) {                        /* a row of g, then its sums (see above) */
+            const T *yr = y + r * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) {
+                T d = gr[c];
+                outr[c] = yr[c] <= 0 ? (T)0 : d;
+            }
+        } else {
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) outr[c] = gr[c];
+        }
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double g = (double)outr[c];
+            sum_g[c] += g;
+            sum_g_xmu[c] += g * ((double)xr[c] - mean[c]);
+        }
+    }
+}
+
 /* Streaming-store versions of the output loops: the same arithmetic (so the same bits),
  * computed into a stack buffer in L1, then written with non-temporal stores. */
 #define STREAM_ELEMS ((ptrdiff_t)(CPUBN_STREAM_BUFFER / sizeof(T)))
@@ -236,6 +438,36 @@ static void FN(rows_input_grad_stream)(const T *dy, const T *x, T *dx, ptrdiff_t
         ptrdiff_t len = rows - r < step ? rows - r : step;
         FN(rows_input_grad)(dy + r * C, x + r * C, buffer, len, C, k, a, mean_hi, b);
         cpubn_stream_copy(dx + r * C, buffer, (size_t)(len * C) * sizeof(T));
+    }
+}
+
+static void FN(run_normalize_fused_stream)(const T *x, const T *r, T *y, ptrdiff_t n,
+                                           T mean_hi, T scale, T shift, int relu)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
+        ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
+        FN(run_normalize_fused)(x + i, r == NULL ? NULL : r + i, buffer, len, mean_hi, scale,
+                                shift, relu);
+        cpubn_stream_copy(y + i, buffer, (size_t)len * sizeof(T));
+    }
+}
+
+static void FN(rows_normalize_fused_stream)(const T *x, const T *r, T *y, ptrdiff_t rows,
+                                            ptrdiff_t C, const T *mean_hi, const T *scale,
+                                            const T *shift, int relu)
+{
+    T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    ptrdiff_t step = STREAM_ELEMS / C;
+    if (step == 0) {
+        FN(rows_normalize_fused)(x, r, y, rows, C, mean_hi, scale, shift, relu);
+        return;
+    }
+    for (ptrdiff_t row = 0; row < rows; row += step) {
+        ptrdiff_t len = rows - row < step ? rows - row : step;
+        FN(rows_normalize_fused)(x + row * C, r == NULL ? NULL : r + row * C, buffer, len, C,
+                                 mean_hi, scale, shift, relu);
+        cpubn_stream_copy(y + row * C, buffer, (size_t)(len * C) * sizeof(T));
     }
 }
 

@@ -9,8 +9,12 @@ cdef enum:
     # Channels-first: a run x[n, c, :] longer than this is reduced in chunks of this many
     # elements (64 KiB of float32: the second pass of a chunk reads from L1/L2).
     RUN_CHUNK = 16384
-    # Channels-last: a block of rows holds about this many elements (rows * C).
-    ROW_BLOCK_ELEMS = 16384
+    # Channels-last: a block of rows holds about this many elements (rows * C); 256 KiB of
+    # float32, so the block's second pass reads from L2 and wide layers (C = 2048) still
+    # get blocks of 32 rows rather than a flood of tiny partials to combine.
+    ROW_BLOCK_ELEMS = 65536
+    # Channels-last partials are combined in parallel over tiles of this many channels.
+    COMBINE_TILE = 256
     # Channels-first with short runs (small H*W): a thread takes a block of adjacent
     # channels so that each batch item gives it one contiguous piece of about this many
     # elements instead of one short run far from the next.

@@ -9,6 +9,10 @@
     A small convolutional network with ``BatchNorm`` after each convolution, trained in
     channels-first (NCHW, ``axis=1``) and channels-last (NHWC, ``axis=-1``) layouts, then
     used for batch-1 inference in eval mode: ``python -m cpubn.examples.convnet``.
+``cpubn.examples.edge_inference``
+    A conv net trained with fused ``BatchNorm(activation="relu")``, its BatchNorms folded
+    into the neighbouring layers, and batch-1 inference latency and outputs compared
+    (unfused, fused, folded): ``python -m cpubn.examples.edge_inference``.
 ``cpubn.examples.nn``
     The minimal NumPy layers both use (Linear, Conv2d via im2col, Sigmoid, ReLU, pooling,
     softmax cross-entropy) and the list-of-layers training helpers.
