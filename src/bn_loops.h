@@ -80,15 +80,19 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 
 #define T float
 #define SUFFIX _f32
+#define CPUBN_FLOAT_DATA 1
 #include "bn_loops_impl.h"
 #undef T
 #undef SUFFIX
+#undef CPUBN_FLOAT_DATA
 
 #define T double
 #define SUFFIX _f64
+#define CPUBN_FLOAT_DATA 0
 #include "bn_loops_impl.h"
 #undef T
 #undef SUFFIX
+#undef CPUBN_FLOAT_DATA
 
 /* Chan et al. merge of a partial (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
  * Stable for any offset: it only ever combines deviations from means.  An infinite

@@ -60,13 +60,79 @@ CPUBN_INLINE void FN(mean_m2_lanes)(const T *CPUBN_RESTRICT x, ptrdiff_t n, int 
  * length alone, i.e. on the shape, never on the thread count. */
 #define CPUBN_SHORT_RUN 256
 
+#if CPUBN_FLOAT_DATA
+/* The same corrected two-pass statistics for float data, at a third of the arithmetic:
+ * groups of CPUBN_GROUP iterations accumulate in float (16 lanes per AVX-512 register and
+ * no conversions), and each group's sums are then added into double accumulators.  A
+ * group sums 8 values per lane, so its rounding error is a few float ulps of that group
+ * sum; the deviations are taken from `pivot`, the first-pass mean rounded to float, which
+ * makes them exact for data near its mean (Sterbenz) however large the offset, and the
+ * mean is pivot + sum(deviations) / n in double.  A constant run still gets its value
+ * back exactly, and m2 exactly 0. */
+#define CPUBN_GROUP 8
+CPUBN_INLINE void FN(mean_m2_grouped)(const float *CPUBN_RESTRICT x, ptrdiff_t n,
+                                      double *mean_out, double *m2_out)
+{
+    double acc[CPUBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    while (i + CPUBN_LANES <= n) {
+        float group[CPUBN_LANES] = {0};
+        for (int it = 0; it < CPUBN_GROUP && i + CPUBN_LANES <= n; it++, i += CPUBN_LANES) {
+            CPUBN_SIMD
+            for (int j = 0; j < CPUBN_LANES; j++) group[j] += x[i + j];
+        }
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) acc[j] += (double)group[j];
+    }
+    double tail = 0.0;
+    for (; i < n; i++) tail += (double)x[i];
+    double mean = (FN(lanes_total)(acc, CPUBN_LANES) + tail) / (double)n;
+    float pivot = (float)mean;
+
+    double dev[CPUBN_LANES] = {0};
+    double sq[CPUBN_LANES] = {0};
+    i = 0;
+    while (i + CPUBN_LANES <= n) {
+        float group_dev[CPUBN_LANES] = {0};
+        float group_sq[CPUBN_LANES] = {0};
+        for (int it = 0; it < CPUBN_GROUP && i + CPUBN_LANES <= n; it++, i += CPUBN_LANES) {
+            CPUBN_SIMD
+            for (int j = 0; j < CPUBN_LANES; j++) {
+                float d = x[i + j] - pivot;
+                group_dev[j] += d;
+                group_sq[j] += d * d;
+            }
+        }
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) {
+            dev[j] += (double)group_dev[j];
+            sq[j] += (double)group_sq[j];
+        }
+    }
+    double dev_tail = 0.0, sq_tail = 0.0;
+    for (; i < n; i++) {
+        double d = (double)x[i] - (double)pivot;
+        dev_tail += d;
+        sq_tail += d * d;
+    }
+    double dev_total = FN(lanes_total)(dev, CPUBN_LANES) + dev_tail;
+    /* With +-inf in the data the deviations are NaN: keep the (infinite) first mean. */
+    *mean_out = dev_total - dev_total == 0.0 ? (double)pivot + dev_total / (double)n : mean;
+    *m2_out = FN(lanes_total)(sq, CPUBN_LANES) + sq_tail - dev_total * dev_total / (double)n;
+}
+#endif
+
 CPUBN_CLONES static void FN(run_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t n,
                                          double *mean_out, double *m2_out)
 {
     if (n < CPUBN_SHORT_RUN)
         FN(mean_m2_lanes)(x, n, 8, mean_out, m2_out);
     else
+#if CPUBN_FLOAT_DATA
+        FN(mean_m2_grouped)(x, n, mean_out, m2_out);
+#else
         FN(mean_m2_lanes)(x, n, CPUBN_LANES, mean_out, m2_out);
+#endif
 }
 
 /* y = (x - mean_hi) * scale + shift.  For float, mean_hi is the float nearest the double
