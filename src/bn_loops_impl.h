@@ -450,10 +450,17 @@ CPUBN_CLONES static void FN(rows_masked_grad_sums)(const T *dy, const T *CPUBN_R
 /* Streaming-store versions of the output loops: the same arithmetic (so the same bits),
  * computed into a stack buffer in L1, then written with non-temporal stores. */
 #define STREAM_ELEMS ((ptrdiff_t)(CPUBN_STREAM_BUFFER / sizeof(T)))
+/* Runs shorter than this (e.g. 7x7 maps) are written with ordinary stores: each streaming
+ * copy ends with a store fence, which costs more than it saves on a few hundred bytes. */
+#define CPUBN_STREAM_MIN_RUN ((ptrdiff_t)(4096 / sizeof(T)))
 
 static void FN(run_normalize_stream)(const T *x, T *y, ptrdiff_t n, T mean_hi, T scale, T shift)
 {
     T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    if (n < CPUBN_STREAM_MIN_RUN) {
+        FN(run_normalize)(x, y, n, mean_hi, scale, shift);
+        return;
+    }
     for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
         ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
         FN(run_normalize)(x + i, buffer, len, mean_hi, scale, shift);
@@ -465,6 +472,10 @@ static void FN(run_input_grad_stream)(const T *dy, const T *x, T *dx, ptrdiff_t 
                                       T k, T a, T mean_hi, T b)
 {
     T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    if (n < CPUBN_STREAM_MIN_RUN) {
+        FN(run_input_grad)(dy, x, dx, n, k, a, mean_hi, b);
+        return;
+    }
     for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
         ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
         FN(run_input_grad)(dy + i, x + i, buffer, len, k, a, mean_hi, b);
@@ -511,6 +522,10 @@ static void FN(run_normalize_fused_stream)(const T *x, const T *r, T *y, ptrdiff
                                            T mean_hi, T scale, T shift, int relu)
 {
     T buffer[CPUBN_STREAM_BUFFER / sizeof(T)];
+    if (n < CPUBN_STREAM_MIN_RUN) {
+        FN(run_normalize_fused)(x, r, y, n, mean_hi, scale, shift, relu);
+        return;
+    }
     for (ptrdiff_t i = 0; i < n; i += STREAM_ELEMS) {
         ptrdiff_t len = n - i < STREAM_ELEMS ? n - i : STREAM_ELEMS;
         FN(run_normalize_fused)(x + i, r == NULL ? NULL : r + i, buffer, len, mean_hi, scale,
@@ -538,4 +553,5 @@ static void FN(rows_normalize_fused_stream)(const T *x, const T *r, T *y, ptrdif
 }
 
 #undef STREAM_ELEMS
+#undef CPUBN_STREAM_MIN_RUN
 #undef FN
