@@ -172,6 +172,50 @@ CPUBN_INLINE void FN(grad_sums_lanes)(const T *CPUBN_RESTRICT dy, const T *CPUBN
     *sum_dy_xmu_out = FN(lanes_total)(acc_dy_xmu, lanes) + tail_dy_xmu;
 }
 
+#if CPUBN_FLOAT_DATA
+/* Float data: the gradient sums in groups of CPUBN_GROUP float iterations, added into
+ * double accumulators, as mean_m2_grouped does for the statistics.  Products are taken
+ * against pivot = mean rounded to float (x - pivot is exact near the mean), and
+ * sum(dy * (x - mean)) = sum(dy * (x - pivot)) - (mean - pivot) * sum(dy) in double. */
+CPUBN_INLINE void FN(grad_sums_grouped)(const float *CPUBN_RESTRICT dy,
+                                        const float *CPUBN_RESTRICT x, ptrdiff_t n,
+                                        double mean, double *sum_dy_out,
+                                        double *sum_dy_xmu_out)
+{
+    float pivot = (float)mean;
+    double acc_dy[CPUBN_LANES] = {0};
+    double acc_dy_xmu[CPUBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    while (i + CPUBN_LANES <= n) {
+        float group_dy[CPUBN_LANES] = {0};
+        float group_dy_xmu[CPUBN_LANES] = {0};
+        for (int it = 0; it < CPUBN_GROUP && i + CPUBN_LANES <= n; it++, i += CPUBN_LANES) {
+            CPUBN_SIMD
+            for (int j = 0; j < CPUBN_LANES; j++) {
+                float g = dy[i + j];
+                group_dy[j] += g;
+                group_dy_xmu[j] += g * (x[i + j] - pivot);
+            }
+        }
+        CPUBN_SIMD
+        for (int j = 0; j < CPUBN_LANES; j++) {
+            acc_dy[j] += (double)group_dy[j];
+            acc_dy_xmu[j] += (double)group_dy_xmu[j];
+        }
+    }
+    double tail_dy = 0.0, tail_dy_xmu = 0.0;
+    for (; i < n; i++) {
+        double g = (double)dy[i];
+        tail_dy += g;
+        tail_dy_xmu += g * ((double)x[i] - (double)pivot);
+    }
+    double sum_dy = FN(lanes_total)(acc_dy, CPUBN_LANES) + tail_dy;
+    double sum_dy_pivot = FN(lanes_total)(acc_dy_xmu, CPUBN_LANES) + tail_dy_xmu;
+    *sum_dy_out = sum_dy;
+    *sum_dy_xmu_out = sum_dy_pivot - (mean - (double)pivot) * sum_dy;
+}
+#endif
+
 CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
                                            ptrdiff_t n, double mean,
                                            double *sum_dy_out, double *sum_dy_xmu_out)
@@ -179,7 +223,11 @@ CPUBN_CLONES static void FN(run_grad_sums)(const T *CPUBN_RESTRICT dy, const T *
     if (n < CPUBN_SHORT_RUN)
         FN(grad_sums_lanes)(dy, x, n, mean, 8, sum_dy_out, sum_dy_xmu_out);
     else
+#if CPUBN_FLOAT_DATA
+        FN(grad_sums_grouped)(dy, x, n, mean, sum_dy_out, sum_dy_xmu_out);
+#else
         FN(grad_sums_lanes)(dy, x, n, mean, CPUBN_LANES, sum_dy_out, sum_dy_xmu_out);
+#endif
 }
 
 /* dx = dy * k + (x - mean_hi) * a + b: the training-mode input gradient with all
@@ -347,57 +395,30 @@ CPUBN_CLONES static void FN(rows_normalize_fused)(const T *CPUBN_RESTRICT x,
     }
 }
 
-/* Elements of g stored before they are summed (a multiple of CPUBN_LANES; L1-sized). */
-#define CPUBN_MASK_BLOCK 1024
-
 /* The backward of the fused epilogue, folded into the gradient sums: g = (y <= 0 ? 0 : dy)
  * (y is the forward's output, whose sign is the ReLU mask: y == 0 gives 0 as in PyTorch's
  * threshold_backward, NaN passes the gradient), or g = dy when y == NULL (residual add
  * without ReLU).  g is stored to g_out (dresidual, or the dx buffer that the input-gradient
- * loop then reads back from cache), and sum(g), sum(g * (x - mean)) are accumulated in
- * double exactly as run_grad_sums does for dy.  g_out may be dy itself (dx written over
- * dy): each element is read before it is written, so dy and g_out are not restrict. */
-CPUBN_INLINE void FN(masked_grad_sums_lanes)(const T *dy, const T *CPUBN_RESTRICT y,
-                                              const T *CPUBN_RESTRICT x, T *g_out,
-                                              ptrdiff_t n, double mean, int lanes,
-                                              double *sum_g_out, double *sum_g_xmu_out)
+ * loop then reads back from cache) and then summed by run_grad_sums itself, so the sums
+ * are bitwise those of cpubn's BN backward applied to the masked gradient.  g_out may be
+ * dy itself (dx written over dy): each element is read before it is written, so dy and
+ * g_out are not restrict. */
+CPUBN_INLINE void FN(masked_grad_sums)(const T *dy, const T *CPUBN_RESTRICT y,
+                                        const T *CPUBN_RESTRICT x, T *g_out,
+                                        ptrdiff_t n, double mean,
+                                        double *sum_g_out, double *sum_g_xmu_out)
 {
-    double acc_g[CPUBN_LANES] = {0};
-    double acc_g_xmu[CPUBN_LANES] = {0};
-    ptrdiff_t i = 0;
-    for (ptrdiff_t start = 0; start < n; start += CPUBN_MASK_BLOCK) {
-        ptrdiff_t end = n - start < CPUBN_MASK_BLOCK ? n : start + CPUBN_MASK_BLOCK;
-        /* g is stored by a loop of its own and summed from L1 by the next: GCC does not
-         * vectorize a select that feeds float-to-double conversions in one loop. */
-        if (y != NULL) {
-            CPUBN_SIMD
-            for (ptrdiff_t k = start; k < end; k++) {
-                T d = dy[k];                    /* loaded unconditionally: a select */
-                g_out[k] = y[k] <= 0 ? (T)0 : d;
-            }
-        } else {
-            CPUBN_SIMD
-            for (ptrdiff_t k = start; k < end; k++) g_out[k] = dy[k];
+    if (y != NULL) {
+        CPUBN_SIMD
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T d = dy[k];                        /* loaded unconditionally: a select */
+            g_out[k] = y[k] <= 0 ? (T)0 : d;
         }
-        /* Blocks hold whole lane groups, so the lanes see the elements in the order
-         * run_grad_sums gives them; only the last block leaves a tail. */
-        for (; i + lanes <= end; i += lanes) {
-            CPUBN_SIMD
-            for (int j = 0; j < lanes; j++) {
-                double g = (double)g_out[i + j];
-                acc_g[j] += g;
-                acc_g_xmu[j] += g * ((double)x[i + j] - mean);
-            }
-        }
+    } else if (g_out != dy) {
+        CPUBN_SIMD
+        for (ptrdiff_t k = 0; k < n; k++) g_out[k] = dy[k];
     }
-    double tail_g = 0.0, tail_g_xmu = 0.0;
-    for (; i < n; i++) {
-        double g = (double)g_out[i];
-        tail_g += g;
-        tail_g_xmu += g * ((double)x[i] - mean);
-    }
-    *sum_g_out = FN(lanes_total)(acc_g, lanes) + tail_g;
-    *sum_g_xmu_out = FN(lanes_total)(acc_g_xmu, lanes) + tail_g_xmu;
+    FN(run_grad_sums)(g_out, x, n, mean, sum_g_out, sum_g_xmu_out);
 }
 
 /* Same lane count as run_grad_sums for the same run length, so the sums (and dx) are
@@ -407,11 +428,7 @@ CPUBN_CLONES static void FN(run_masked_grad_sums)(const T *dy, const T *CPUBN_RE
                                                   ptrdiff_t n, double mean,
                                                   double *sum_g_out, double *sum_g_xmu_out)
 {
-    if (n < CPUBN_SHORT_RUN)
-        FN(masked_grad_sums_lanes)(dy, y, x, g_out, n, mean, 8, sum_g_out, sum_g_xmu_out);
-    else
-        FN(masked_grad_sums_lanes)(dy, y, x, g_out, n, mean, CPUBN_LANES, sum_g_out,
-                                   sum_g_xmu_out);
+    FN(masked_grad_sums)(dy, y, x, g_out, n, mean, sum_g_out, sum_g_xmu_out);
 }
 
 /* Per-channel form of run_masked_grad_sums for a block of rows (overwrites the sums). */
