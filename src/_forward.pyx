@@ -186,7 +186,7 @@ cdef int train_nhwc(const floating* x, const floating* r, floating* y, const par
     cdef Py_ssize_t blocks = block_count(R, rows)
     cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
     cdef Py_ssize_t b, t, c
-    cdef double* partials = <double*>malloc((3 * blocks + 3) * C * sizeof(double))
+    cdef double* partials = <double*>malloc((4 * blocks + 3) * C * sizeof(double))
     cdef double* combined
     cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
     if partials == NULL or constants == NULL:
@@ -194,12 +194,13 @@ cdef int train_nhwc(const floating* x, const floating* r, floating* y, const par
         free(constants)
         return -1
     # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], its
-    # scratch at partials[(2 * blocks + b) * C:]; then the combined mean, m2 and scratch.
-    combined = partials + 3 * blocks * C
+    # scratch (2 * C) at partials[(2 * blocks + 2 * b) * C:]; then the combined mean, m2
+    # and scratch.
+    combined = partials + 4 * blocks * C
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C, partials + (2 * blocks + b) * C)
+                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C)
     for t in prange(tiles, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,

@@ -20,9 +20,9 @@ cdef extern from "bn_loops.h" nogil:
     void run_input_grad_f64(const double* dy, const double* x, double* dx, Py_ssize_t n,
                             double k, double a, double mean_hi, double b)
     void rows_mean_m2_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, double* mean, double* m2,
-                          double* dev)
+                          double* scratch)
     void rows_mean_m2_f64(const double* x, Py_ssize_t rows, Py_ssize_t C, double* mean, double* m2,
-                          double* dev)
+                          double* scratch)
     void rows_normalize_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t C,
                             const float* mean_hi, const float* scale, const float* shift)
     void rows_normalize_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t C,
@@ -139,11 +139,12 @@ cdef inline void run_input_grad(const floating* dy, const floating* x, floating*
 
 
 cdef inline void rows_mean_m2(const floating* x, Py_ssize_t rows, Py_ssize_t C, double* mean,
-                              double* m2, double* dev) noexcept nogil:
+                              double* m2, double* scratch) noexcept nogil:
+    # scratch: 2 * C doubles
     if floating is float:
-        rows_mean_m2_f32(x, rows, C, mean, m2, dev)
+        rows_mean_m2_f32(x, rows, C, mean, m2, scratch)
     else:
-        rows_mean_m2_f64(x, rows, C, mean, m2, dev)
+        rows_mean_m2_f64(x, rows, C, mean, m2, scratch)
 
 
 cdef inline void rows_normalize(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t C,

@@ -241,11 +241,57 @@ CPUBN_CLONES static void FN(run_input_grad)(const T *CPUBN_RESTRICT dy, const T 
 }
 
 /* Per-channel mean and m2 of a block x[0:rows, 0:C] (row-major), corrected two-pass like
- * run_mean_m2; the channel loop is the vector loop.  dev is caller scratch of C doubles. */
+ * run_mean_m2; the channel loop is the vector loop.  scratch: 2 * C doubles of caller
+ * scratch.  Float data sums groups of CPUBN_GROUP rows in float first, like
+ * mean_m2_grouped, with deviations taken from per-channel float pivots. */
 CPUBN_CLONES static void FN(rows_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t rows, ptrdiff_t C,
                                           double *CPUBN_RESTRICT mean, double *CPUBN_RESTRICT m2,
-                                          double *CPUBN_RESTRICT dev)
+                                          double *CPUBN_RESTRICT scratch)
 {
+#if CPUBN_FLOAT_DATA
+    float *group = (float *)scratch;            /* group sums: C floats (pass 2: 2 * C) */
+    float *pivot = group + 2 * C;               /* C floats */
+    for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += CPUBN_GROUP) {
+        ptrdiff_t r1 = rows - r0 < CPUBN_GROUP ? rows : r0 + CPUBN_GROUP;
+        for (ptrdiff_t c = 0; c < C; c++) group[c] = 0.0f;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const T *row = x + r * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) group[c] += row[c];
+        }
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) mean[c] += (double)group[c];
+    }
+    /* From here on mean[] accumulates the deviations from the pivots. */
+    for (ptrdiff_t c = 0; c < C; c++) { pivot[c] = (float)(mean[c] / (double)rows); mean[c] = 0.0; }
+    float *group_dev = group, *group_sq = group + C;
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += CPUBN_GROUP) {
+        ptrdiff_t r1 = rows - r0 < CPUBN_GROUP ? rows : r0 + CPUBN_GROUP;
+        for (ptrdiff_t c = 0; c < C; c++) { group_dev[c] = 0.0f; group_sq[c] = 0.0f; }
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const T *row = x + r * C;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < C; c++) {
+                float d = row[c] - pivot[c];
+                group_dev[c] += d;
+                group_sq[c] += d * d;
+            }
+        }
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) {
+            mean[c] += (double)group_dev[c];
+            m2[c] += (double)group_sq[c];
+        }
+    }
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double dev = mean[c];
+        /* With +-inf in the data the deviations are NaN: keep the (infinite) pivot. */
+        mean[c] = dev - dev == 0.0 ? (double)pivot[c] + dev / (double)rows : (double)pivot[c];
+        m2[c] -= dev * dev / (double)rows;
+    }
+#else
+    double *dev = scratch;
     for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; dev[c] = 0.0; }
     for (ptrdiff_t r = 0; r < rows; r++) {
         const T *row = x + r * C;
@@ -267,6 +313,7 @@ CPUBN_CLONES static void FN(rows_mean_m2)(const T *CPUBN_RESTRICT x, ptrdiff_t r
         if (dev[c] - dev[c] == 0.0) mean[c] += dev[c] * inv_rows;   /* finite: correct */
         m2[c] -= dev[c] * dev[c] * inv_rows;
     }
+#endif
 }
 
 CPUBN_CLONES static void FN(rows_normalize)(const T *CPUBN_RESTRICT x, T *CPUBN_RESTRICT y,
