@@ -30,7 +30,8 @@ from bn_loops cimport (floating, rows_grad_sums, rows_input_grad, rows_masked_gr
                        run_normalize, shifted)
 from params cimport data_of, gamma_of, is_float32, param_t
 from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
-                        channels_per_block, chunks_per_run, ordered_sum, rows_per_block)
+                        channels_per_block, chunks_per_run, ordered_sum, rows_per_block,
+                        split_item_channel, split_item_offset, split_item_slot)
 
 cnp.import_array()
 
@@ -147,7 +148,7 @@ cdef int backward_nchw(const floating* dy, const floating* y, const floating* x,
     # in a fixed order, and dx is written in a second pass.
     cdef Py_ssize_t per_block = channels_per_block(S)
     cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
-    cdef Py_ssize_t b, c, n, u, k, offset
+    cdef Py_ssize_t b, c, u, slot
     cdef Py_ssize_t chunks = chunks_per_run(S)
     cdef Py_ssize_t units = N * chunks
     cdef double sum_dy, sum_dy_xmu
@@ -168,18 +169,14 @@ cdef int backward_nchw(const floating* dy, const floating* y, const floating* x,
         free(partials)
         free(constants)
         return -1
-    # Work item u walks memory in order (u = (n * C + c) * chunks + k); its partial is
-    # stored per channel at p = c * units + n * chunks + k: sum(dy) at partials[p],
-    # sum(dy * (x - mean)) at partials[C * units + p].
+    # Work items in memory order (partition.pxd: split_item_*); item u's sum(dy) at
+    # partials[slot], its sum(dy * (x - mean)) at partials[C * units + slot].
     for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        n = u // (C * chunks)
-        c = (u // chunks) % C
-        k = u % chunks
-        offset = (n * C + c) * S + k * RUN_CHUNK
-        chunk_grad_sums(dy, y, x, g, offset, chunk_length(S, k), stats[c],
-                        &partials[c * units + n * chunks + k],
-                        &partials[C * units + c * units + n * chunks + k])
+        slot = split_item_slot(u, N, C, chunks)
+        chunk_grad_sums(dy, y, x, g, split_item_offset(u, S, chunks),
+                        chunk_length(S, u % chunks), stats[split_item_channel(u, C, chunks)],
+                        &partials[slot], &partials[C * units + slot])
     for c in range(C):
         sum_dy = ordered_sum(partials + c * units, units, 1)
         sum_dy_xmu = ordered_sum(partials + C * units + c * units, units, 1)

@@ -25,7 +25,8 @@ from bn_loops cimport (chan_merge, combine_row_blocks, floating, rows_mean_m2,
                        rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
 from params cimport beta_of, data_of, gamma_of, is_float32, param_t, params_float32
 from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows,
-                        chunk_length, channels_per_block, chunks_per_run, rows_per_block)
+                        chunk_length, channels_per_block, chunks_per_run, rows_per_block,
+                        split_item_offset, split_item_slot)
 
 cnp.import_array()
 
@@ -116,7 +117,7 @@ cdef int train_nchw(const floating* x, const floating* r, floating* y, const par
     # merged per channel, and y is written in a second pass.
     cdef Py_ssize_t per_block = channels_per_block(S)
     cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
-    cdef Py_ssize_t b, c, n, u, k
+    cdef Py_ssize_t b, c, u, slot
     cdef Py_ssize_t chunks = chunks_per_run(S)
     cdef Py_ssize_t units = N * chunks          # partials per channel
     cdef double count, mean, m2
@@ -136,17 +137,13 @@ cdef int train_nchw(const floating* x, const floating* r, floating* y, const par
         free(partials)
         free(constants)
         return -1
-    # Work item u walks memory in order (u = (n * C + c) * chunks + k); its partial is
-    # stored per channel at p = c * units + n * chunks + k: means at partials[p], m2 at
-    # partials[C * units + p].
+    # Work items in memory order; item u's mean at partials[slot], its m2 at
+    # partials[C * units + slot] (partition.pxd: split_item_*).
     for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
-        n = u // (C * chunks)
-        c = (u // chunks) % C
-        k = u % chunks
-        run_mean_m2(x + (n * C + c) * S + k * RUN_CHUNK, chunk_length(S, k),
-                    &partials[c * units + n * chunks + k],
-                    &partials[C * units + c * units + n * chunks + k])
+        slot = split_item_slot(u, N, C, chunks)
+        run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
+                    &partials[slot], &partials[C * units + slot])
     for c in range(C):
         count = 0.0
         mean = 0.0

@@ -60,3 +60,21 @@ cdef inline double ordered_sum(const double* values, Py_ssize_t count,
     for i in range(count):
         total += values[i * stride]
     return total
+
+
+# The channels-first split path (few channels): work item u walks memory in order,
+# u = (n * C + c) * chunks + k, and stores its partial with channel c's others in the
+# (n, chunk) order that the per-channel merge (and the channel-block path) uses.
+cdef inline Py_ssize_t split_item_offset(Py_ssize_t u, Py_ssize_t S,
+                                         Py_ssize_t chunks) noexcept nogil:
+    return (u // chunks) * S + (u % chunks) * RUN_CHUNK
+
+
+cdef inline Py_ssize_t split_item_channel(Py_ssize_t u, Py_ssize_t C,
+                                          Py_ssize_t chunks) noexcept nogil:
+    return (u // chunks) % C
+
+
+cdef inline Py_ssize_t split_item_slot(Py_ssize_t u, Py_ssize_t N, Py_ssize_t C,
+                                       Py_ssize_t chunks) noexcept nogil:
+    return (split_item_channel(u, C, chunks) * N + u // (C * chunks)) * chunks + u % chunks
