@@ -14,6 +14,8 @@ from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
 # Smaller outputs are left in cache, where the next layer finds them.
 STREAM_MIN_BYTES = 16 << 20
 
+_FLOAT64 = np.dtype(np.float64)
+
 
 def _threads_for(n_elements):
     return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
@@ -45,9 +47,6 @@ def param_arrays(channels, x_dtype, *arrays):
                 a = np.ascontiguousarray(a, dtype=dtype)
         converted.append(a)
     return converted
-
-
-_FLOAT64 = np.dtype(np.float64)
 
 
 def _output(dtype, layout, out):
