@@ -145,16 +145,21 @@ def check_momentum(momentum, allow_none=True):
     return momentum
 
 
-def check_num_features(num_features):
-    if isinstance(num_features, bool):
-        raise TypeError(f"num_features must be a positive int, got {num_features!r}")
+def check_positive_int(value, name):
+    """An int >= 1 (bools and floats are TypeErrors), e.g. num_features or conv groups."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
     try:
-        num_features = operator.index(num_features)
+        value = operator.index(value)
     except TypeError:
-        raise TypeError(f"num_features must be a positive int, got {num_features!r}") from None
-    if num_features < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
-    return num_features
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_num_features(num_features):
+    return check_positive_int(num_features, "num_features")
 
 
 def check_param_dtype(dtype):

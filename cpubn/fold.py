@@ -26,11 +26,11 @@ weight and bias (gamma = 1, beta = 0 when ``affine=False``), and returned as new
 the dtype of the given weight; the inputs are never modified.  All checks run before any
 arithmetic.
 """
-import operator
 
 import numpy as np
 
 from ._module import BatchNorm
+from ._validation import check_positive_int
 
 __all__ = ["fold_into_linear", "fold_into_conv", "fold_into_following_linear"]
 
@@ -91,7 +91,7 @@ def fold_into_conv(weight, bias, bn, transposed=False, groups=1):
     _check_foldable(bn)
     weight = _float_array(weight, "weight")
     transposed = bool(transposed)
-    groups = _check_groups(groups)
+    groups = check_positive_int(groups, "groups")
     if not 3 <= weight.ndim <= 5:
         layout = ("(in_channels, out_channels / groups, *kernel)" if transposed
                   else "(out_channels, in_channels / groups, *kernel)")
@@ -232,16 +232,6 @@ def _check_ndim(weight, ndim, what, layout):
                          f"got shape {weight.shape}")
 
 
-def _check_groups(groups):
-    if isinstance(groups, bool):
-        raise TypeError(f"groups must be a positive int, got {groups!r}")
-    try:
-        groups = operator.index(groups)
-    except TypeError:
-        raise TypeError(f"groups must be a positive int, got {groups!r}") from None
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    return groups
 
 
 def _check_channels(layer_channels, bn, described):
