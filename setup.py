@@ -112,6 +112,9 @@ def _optimization_flags(compiler_type):
     # No contraction of a*b+c into FMA: the same source then gives the same bits on every
     # instruction-set clone, so results do not depend on which CPU runs them.
     flags += ["-ffp-contract=off", "-fno-math-errno"]
+    # Cython emits every pairing of the kernels' fused types (data type x compute type x
+    # parameter type); the entry points use six, and the compiler drops the rest.
+    flags.append("-Wno-unused-function")
     if _env_flag("CPUBN_NATIVE"):
         flags.append("-march=native")
     return flags
@@ -134,7 +137,8 @@ extensions = [
         f"cpubn.{name}",
         [f"src/{name}.pyx"],
         include_dirs=["src", np.get_include()],
-        depends=["src/bn_loops.h", "src/bn_loops_impl.h", "src/omp_shim.h"],
+        depends=["src/bn_loops.h", "src/bn_loops_impl.h", "src/bn_loops_half.h",
+                 "src/bn_loops_half_impl.h", "src/omp_shim.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for name in KERNEL_MODULES

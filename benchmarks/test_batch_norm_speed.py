@@ -10,12 +10,11 @@ runs on one thread anyway). The peers are the ones of ``python -m cpubn bench``
     pytest benchmarks -k "nhwc and train" --benchmark-columns=median,ops
 """
 
-import os
-
 import numpy as np
 import pytest
 
-from cpubn._bench import bytes_moved, layout_shape, layouts_for, ops_for, shape_label
+from cpubn._bench import (bytes_moved, layout_shape, layouts_for, ops_for, shape_label,
+                          usable_cpus)
 
 # A representative subset of the command's shape set (NCHW notation): a ResNet
 # stage, the deep low-resolution stage that favours row-streaming kernels, and a
@@ -23,14 +22,7 @@ from cpubn._bench import bytes_moved, layout_shape, layouts_for, ops_for, shape_
 SHAPES = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024))
 
 
-def _usable_cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-THREADS = tuple(dict.fromkeys((1, _usable_cpus())))
+THREADS = tuple(dict.fromkeys((1, usable_cpus())))
 
 
 def _cases():

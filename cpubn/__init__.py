@@ -12,6 +12,11 @@ Fused activation and residual add, in the same pass over memory:
     >>> y = bn(x, residual=x)                         # y = relu(bn(x) + residual)
     >>> dx, dresidual = bn.backward(np.ones_like(y))
 
+Half-precision data (float16, or ml_dtypes.bfloat16) is computed in float32 with float32
+parameters and returned in its own dtype:
+
+    >>> y16 = cpubn.BatchNorm(64)(x.astype(np.float16))   # y16.dtype == float16
+
 See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward
 (all take activation= and residual=), the inference folding helpers fold_into_linear /
 fold_into_conv / fold_into_following_linear, and the thread controls set_num_threads /

@@ -252,6 +252,134 @@ def _warm_up(fn):
     return result, time.perf_counter() - t0
 
 
+def time_groups(groups, repeats, budget_s, errors):
+    """Time each group of peers (name -> callable) round-robin among themselves, with one
+    number of calls per sample for the whole group (with cache-resident buffers, a peer
+    timed over more back-to-back calls would see warmer caches than the others).  Groups
+    are timed apart: the call after a torch call runs slower (torch's idle OpenMP threads
+    keep spinning for a while), which would load the peer that follows torch in the
+    rotation.  A peer that raises is recorded in ``errors`` and dropped.
+    Returns name -> list of seconds per call."""
+    samples = {}
+    for fns in groups:
+        seconds = {}
+        for name in list(fns):
+            try:
+                _warm_up(fns[name])             # first touch of the buffers
+                seconds[name] = _warm_up(fns[name])[1]
+            except Exception as exc:  # report it, benchmark the others
+                errors[name] = repr(exc)
+                del fns[name]
+        number = _calibrate(statistics.median(seconds.values())) if seconds else 1
+        samples.update(time_round_robin(fns, dict.fromkeys(fns, number), repeats, budget_s))
+    return samples
+
+
+def add_sweep_options(parser):
+    """The options shared by the variant benches (--fused, --half)."""
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--shape", type=_parse_shape, action="append", metavar="N,C[,H,W...]",
+                        help="benchmark this shape (NCHW notation) instead of the set; "
+                             "repeatable")
+    parser.add_argument("--threads", type=_parse_threads, metavar="N[,N...]",
+                        help="thread counts (default: cpubn.get_num_threads())")
+    parser.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
+    parser.add_argument("--repeats", type=int, metavar="R", help="interleaved repeats per case")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip PyTorch even if installed")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run_case):
+    """A variant bench (--fused, --half) over its options: every (shape, threads, layout,
+    op) case, buffers made once per shape (make_buffers(shape, rng)), torch's thread count
+    matched and restored; run_case(cpubn, torch, buf, layout, op, n_threads, repeats,
+    budget_s) returns each record.  Returns the report, or None after a usage error."""
+    if args.repeats is not None and args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return None
+    import cpubn
+
+    torch = None if args.no_torch else _import_torch()
+    repeats = args.repeats or (5 if args.quick else 11)
+    budget_s = None if args.repeats else (0.5 if args.quick else 1.5)
+    shapes = list(dict.fromkeys(args.shape or (shapes_quick if args.quick else shapes_default)))
+    layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
+    threads = args.threads or [cpubn.get_num_threads()]
+    report = {"machine": machine_info(cpubn, torch),
+              "config": dict(config, threads=threads, repeats=repeats,
+                             shapes=[list(s) for s in shapes], layouts=list(layouts)),
+              "results": []}
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    rng = np.random.default_rng(args.seed)
+    try:
+        for shape in shapes:
+            buf = make_buffers(shape, rng)
+            for n in threads:
+                if torch is not None:
+                    torch.set_num_threads(n)
+                with cpubn.threads(n):
+                    for layout in layouts_for(shape, layouts):
+                        for op in ops_for(shape, ops):
+                            print(f"{shape_label(shape)} {layout} {op}, {n} thread(s)",
+                                  file=sys.stderr, flush=True)
+                            report["results"].append(
+                                run_case(cpubn, torch, buf, layout, op, n, repeats, budget_s))
+            del buf
+    finally:
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+    return report
+
+
+def format_sweep(header, results, threads, peers, ratio_names, summarized, ops, footer):
+    """The report of a variant bench (--fused, --half): per thread count, a table of median
+    times (ms) of ``peers`` and one of ``ratio_names``, the median over cases of each
+    ratio in ``summarized`` per op, and any errors."""
+    def cells(record, key, names, width, digits):
+        return " ".join(f"{'-' if record[key].get(n) is None else f'{record[key][n]:.{digits}f}':>{width}}"
+                        for n in names)
+
+    def row_label(r):
+        return f"{shape_label(r['shape']):<14} {r['layout']:<6} {r['op']:<8} "
+
+    time_width = max([11] + [len(p) + 1 for p in peers])
+    ratio_width = max([11] + [len(n) + 1 for n in ratio_names])
+    lines = [header]
+    for n in threads:
+        records = [r for r in results if r["threads"] == n]
+        label = f"{n} thread{'s' if n > 1 else ''}"
+        lines += ["", f"== {label}: times in ms ==",
+                  f"{'shape':<14} {'layout':<6} {'op':<8} "
+                  + " ".join(f"{p:>{time_width}}" for p in peers)]
+        lines += [row_label(r) + cells(r, "median_ms", peers, time_width, 3) for r in records]
+        lines += ["", f"== {label}: ratios (same run) ==",
+                  f"{'shape':<14} {'layout':<6} {'op':<8} "
+                  + " ".join(f"{name:>{ratio_width}}" for name in ratio_names)]
+        lines += [row_label(r) + cells(r, "ratios", ratio_names, ratio_width, 2)
+                  for r in records]
+        for op in ops:
+            for name in summarized:
+                values = [r["ratios"][name] for r in records
+                          if r["op"] == op and name in r["ratios"]]
+                if values:
+                    lines.append(f"  {op}: median {name} {statistics.median(values):.2f} over "
+                                 f"{len(values)} cases")
+        for r in records:
+            for name, error in r["errors"].items():
+                lines.append(f"  ! {row_label(r).rstrip()} {name}: {error}")
+    return "\n".join(lines + ["", footer])
+
+
+def usable_cpus():
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 # --------------------------------------------------------------------------
 # Peers
 # --------------------------------------------------------------------------
@@ -562,10 +690,7 @@ def _cpu_model():
 
 
 def machine_info(cpubn, torch):
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    affinity = usable_cpus()
     try:
         openmp = bool(cpubn.openmp_enabled())
     except Exception:
@@ -815,6 +940,9 @@ def build_parser():
     p.add_argument("--fused", action="store_true",
                    help="time fused BN+ReLU and BN+residual+ReLU against BN alone, the "
                         "unfused sequence and torch instead ('--fused --help' for its options)")
+    p.add_argument("--half", action="store_true",
+                   help="time float16 and bfloat16 data against float32 data instead "
+                        "('--half --help' for its options)")
     p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png",
@@ -938,6 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--fused" in argv:
         from ._bench_fused import main as fused_main
         return fused_main([arg for arg in argv if arg != "--fused"])
+    if "--half" in argv:
+        from ._bench_half import main as half_main
+        return half_main([arg for arg in argv if arg != "--half"])
     args = build_parser().parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)

@@ -31,9 +31,8 @@ import sys
 
 import numpy as np
 
-from ._bench import (EPS, MOMENTUM, _calibrate, _import_torch, _parse_shape, _parse_threads,
-                     _torch_view, _warm_up, layout_axis, layout_shape, layouts_for,
-                     machine_info, ops_for, shape_label, time_round_robin)
+from ._bench import (EPS, MOMENTUM, _torch_view, add_sweep_options, format_sweep,
+                     layout_axis, layout_shape, run_sweep, time_groups)
 
 SHAPES_DEFAULT = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024), (1, 64, 56, 56))
 SHAPES_QUICK = ((32, 64, 56, 56), (1, 64, 56, 56))
@@ -154,9 +153,6 @@ def _torch_peers(torch, buf, layout, op):
 
 def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
     """Time one (shape, layout, op, threads) case; returns its JSON record."""
-    # Two groups, each timed round-robin on its own: the call after a torch call runs
-    # slower (torch's idle OpenMP threads keep spinning for a while), which would load the
-    # cpubn peer that happens to follow torch in the rotation.
     groups = [_cpubn_peers(cpubn, buf, layout, op)]
     errors = {}
     if torch is not None:
@@ -164,20 +160,7 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
             groups.append(_torch_peers(torch, buf, layout, op))
         except Exception as exc:  # report it, benchmark the others
             errors["torch"] = repr(exc)
-    samples = {}
-    for fns in groups:
-        seconds = {}
-        for name in list(fns):
-            try:
-                _warm_up(fns[name])             # first touch of the buffers
-                seconds[name] = _warm_up(fns[name])[1]
-            except Exception as exc:
-                errors[name] = repr(exc)
-                del fns[name]
-        # One number of calls per sample for every peer: with cache-resident buffers, a
-        # peer timed over more back-to-back calls would see warmer caches than the others.
-        number = _calibrate(statistics.median(seconds.values())) if seconds else 1
-        samples.update(time_round_robin(fns, dict.fromkeys(fns, number), repeats, budget_s))
+    samples = time_groups(groups, repeats, budget_s, errors)
     medians = {name: 1e3 * statistics.median(s) for name, s in samples.items() if s}
     ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS
               if a in medians and b in medians}
@@ -187,48 +170,20 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
             "samples_ms": {name: [1e3 * t for t in s] for name, s in samples.items()}}
 
 
-def _fmt(v, digits=2):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def format_report(report):
     m, cfg = report["machine"], report["config"]
-    lines = [f"cpubn {m['cpubn']} fused BN+ReLU bench on {m['cpu']} ({m['usable_cpus']} usable "
-             f"CPUs); numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
-             f"{cfg['dtype']}; medians of up to {cfg['repeats']} interleaved repeats"]
-    peers = [p for p in PEERS if any(p in r["median_ms"] for r in report["results"])]
-    ratio_names = [f"{a}/{b}" for a, b in RATIOS
-                   if any(f"{a}/{b}" in r["ratios"] for r in report["results"])]
-    for n in cfg["threads"]:
-        records = [r for r in report["results"] if r["threads"] == n]
-        lines += ["", f"== {n} thread{'s' if n > 1 else ''}: times in ms =="]
-        head = f"{'shape':<14} {'layout':<6} {'op':<8} " + " ".join(f"{p:>11}" for p in peers)
-        lines.append(head)
-        for r in records:
-            lines.append(f"{shape_label(r['shape']):<14} {r['layout']:<6} {r['op']:<8} "
-                         + " ".join(f"{_fmt(r['median_ms'].get(p), 3):>11}" for p in peers))
-        lines += ["", f"== {n} thread{'s' if n > 1 else ''}: ratios (same run) =="]
-        lines.append(f"{'shape':<14} {'layout':<6} {'op':<8} "
-                     + " ".join(f"{name:>17}" for name in ratio_names))
-        for r in records:
-            lines.append(f"{shape_label(r['shape']):<14} {r['layout']:<6} {r['op']:<8} "
-                         + " ".join(f"{_fmt(r['ratios'].get(name)):>17}"
-                                    for name in ratio_names))
-        for op in OPS:
-            values = [r["ratios"]["fused/bn"] for r in records
-                      if r["op"] == op and "fused/bn" in r["ratios"]]
-            if values:
-                lines.append(f"  {op}: median fused/bn {statistics.median(values):.2f} over "
-                             f"{len(values)} cases")
-        for r in records:
-            for name, error in r["errors"].items():
-                lines.append(f"  ! {shape_label(r['shape'])} {r['layout']} {r['op']} "
-                             f"{name}: {error}")
-    lines += ["", "bn: cpubn BN alone (out=); fused: activation='relu'; +res: with a residual "
-                  "add; unfused: cpubn BN then NumPy add/maximum in place; torch: F.batch_norm "
-                  "then F.relu(inplace=True) (backward: threshold_backward + "
-                  "native_batch_norm_backward)."]
-    return "\n".join(lines)
+    results = report["results"]
+    header = (f"cpubn {m['cpubn']} fused BN+ReLU bench on {m['cpu']} ({m['usable_cpus']} "
+              f"usable CPUs); numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
+              f"{cfg['dtype']}; medians of up to {cfg['repeats']} interleaved repeats")
+    peers = [p for p in PEERS if any(p in r["median_ms"] for r in results)]
+    ratio_names = [f"{a}/{b}" for a, b in RATIOS if any(f"{a}/{b}" in r["ratios"] for r in results)]
+    footer = ("bn: cpubn BN alone (out=); fused: activation='relu'; +res: with a residual "
+              "add; unfused: cpubn BN then NumPy add/maximum in place; torch: F.batch_norm "
+              "then F.relu(inplace=True) (backward: threshold_backward + "
+              "native_batch_norm_backward).")
+    return format_sweep(header, results, cfg["threads"], peers, ratio_names, ["fused/bn"], OPS,
+                        footer)
 
 
 def build_parser():
@@ -236,58 +191,19 @@ def build_parser():
         prog="python -m cpubn bench --fused",
         description="Time cpubn's fused BN+ReLU (and BN+residual+ReLU) against BN alone, "
                     "the unfused NumPy sequence and PyTorch, interleaved in one process.")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    p.add_argument("--shape", type=_parse_shape, action="append", metavar="N,C[,H,W...]",
-                   help="benchmark this shape (NCHW notation) instead of the set; repeatable")
-    p.add_argument("--threads", type=_parse_threads, metavar="N[,N...]",
-                   help="thread counts (default: cpubn.get_num_threads())")
+    add_sweep_options(p)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
-    p.add_argument("--repeats", type=int, metavar="R", help="interleaved repeats per case")
-    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None):
     """``python -m cpubn bench --fused [options]``; argv without ``--fused``."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.repeats is not None and args.repeats < 1:
-        print("error: --repeats must be >= 1", file=sys.stderr)
-        return 2
-    import cpubn
-
-    torch = None if args.no_torch else _import_torch()
-    repeats = args.repeats or (5 if args.quick else 11)
-    budget_s = None if args.repeats else (0.5 if args.quick else 1.5)
-    shapes = list(dict.fromkeys(args.shape or (SHAPES_QUICK if args.quick else SHAPES_DEFAULT)))
-    layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
-    threads = args.threads or [cpubn.get_num_threads()]
     dtype = np.dtype(args.dtype)
-    report = {"machine": machine_info(cpubn, torch),
-              "config": {"dtype": dtype.name, "threads": threads, "repeats": repeats,
-                         "shapes": [list(s) for s in shapes], "layouts": list(layouts)},
-              "results": []}
-    torch_threads = torch.get_num_threads() if torch is not None else None
-    rng = np.random.default_rng(args.seed)
-    try:
-        for shape in shapes:
-            buf = FusedBuffers(shape, dtype, rng)
-            for n in threads:
-                if torch is not None:
-                    torch.set_num_threads(n)
-                with cpubn.threads(n):
-                    for layout in layouts_for(shape, layouts):
-                        for op in ops_for(shape, OPS):
-                            print(f"{shape_label(shape)} {layout} {op}, {n} thread(s)",
-                                  file=sys.stderr, flush=True)
-                            report["results"].append(
-                                run_case(cpubn, torch, buf, layout, op, n, repeats, budget_s))
-            del buf
-    finally:
-        if torch is not None:
-            torch.set_num_threads(torch_threads)
+    report = run_sweep(args, SHAPES_DEFAULT, SHAPES_QUICK, OPS, {"dtype": dtype.name},
+                       lambda shape, rng: FusedBuffers(shape, dtype, rng), run_case)
+    if report is None:
+        return 2
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

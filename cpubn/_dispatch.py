@@ -7,6 +7,7 @@ import numpy as np
 from . import _backward, _forward
 from ._layout import plan
 from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
+from ._validation import is_half
 
 
 # Outputs at least this large are written with non-temporal stores: they would not fit
@@ -14,6 +15,7 @@ from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
 # Smaller outputs are left in cache, where the next layer finds them.
 STREAM_MIN_BYTES = 16 << 20
 
+_FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
 
@@ -21,18 +23,26 @@ def _threads_for(n_elements):
     return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
 
 
-def param_arrays(channels, x_dtype, *arrays):
-    """Per-channel arrays as contiguous arrays of one float dtype, as the kernels require
-    (None stays None: gamma = 1, beta = 0).  Guards the kernels against attributes a user
-    replaced with arrays of another length, dtype or memory layout.  Arrays that already
-    qualify are returned as they are (the same objects)."""
+def param_dtype(x_dtype, *arrays):
+    """The dtype the kernels read per-channel arrays in: that of the first array given,
+    float32 or else float64.  Half-precision data always takes float32 parameters
+    (PyTorch's "mixed type"): the kernels compute it in float32."""
+    if is_half(x_dtype):
+        return _FLOAT32
     dtype = x_dtype
     for a in arrays:
         if a is not None:
             dtype = getattr(a, "dtype", _FLOAT64)
             break
-    if dtype != np.float32:
-        dtype = _FLOAT64
+    return _FLOAT32 if dtype == _FLOAT32 else _FLOAT64
+
+
+def param_arrays(channels, x_dtype, *arrays):
+    """Per-channel arrays as contiguous arrays of one float dtype (param_dtype), as the
+    kernels require (None stays None: gamma = 1, beta = 0).  Guards the kernels against
+    attributes a user replaced with arrays of another length, dtype or memory layout.
+    Arrays that already qualify are returned as they are (the same objects)."""
+    dtype = param_dtype(x_dtype, *arrays)
     converted = []
     for a in arrays:
         if a is not None:

@@ -33,8 +33,10 @@ class BatchNorm:
     ``grad_bias`` (``zero_grad()`` clears them).  It keeps a reference to the last forward's
     input: do not modify that array in place before calling backward.
 
-    Parameters and running statistics are stored in ``dtype``; float32 and float64 inputs
-    are both accepted and the output has the input's dtype, shape and memory order.
+    Parameters and running statistics are stored in ``dtype`` (float32 or float64); float32,
+    float64, float16 and bfloat16 (ml_dtypes) inputs are accepted and the output has the
+    input's dtype, shape and memory order.  Half-precision inputs are computed in float32
+    with the parameters read as float32 (PyTorch's "mixed type"), and rounded once.
 
     Fused epilogue: ``activation="relu"`` returns relu(bn(x)) and ``bn(x, residual=r)``
     returns act(bn(x) + r) (a ResNet block's tail), computed in the normalization's own
@@ -95,7 +97,7 @@ class BatchNorm:
             out = check_out(out, x, may_alias=((x, "the input"),),
                             must_not_overlap=(() if residual is None
                                               else ((residual, "the residual"),)))
-        weight, bias, running_mean, running_var = self._kernel_params()
+        weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
         if self.training or not self.track_running_stats:
             check_batch_stats_possible(x, axis)
             y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out,
@@ -115,21 +117,24 @@ class BatchNorm:
         self._saved = saved
         return y
 
-    def _kernel_params(self):
-        """(weight, bias, running_mean, running_var) in the form the kernels need.
+    def _kernel_params(self, x_dtype):
+        """(weight, bias, running_mean, running_var) in the form the kernels need for data
+        of dtype x_dtype (half-precision data reads them as float32).
 
-        The check is cached while the attributes are the same array objects (in-place
-        updates such as SGD steps keep it valid); assigning new arrays re-checks them,
-        and arrays that needed converting are re-converted on every call, so updates to
-        the user's arrays are never missed."""
+        The check is cached while the attributes are the same array objects and the
+        kernels want them in the same dtype (in-place updates such as SGD steps keep it
+        valid); assigning new arrays re-checks them, and arrays that needed converting are
+        re-converted on every call, so updates to the user's arrays are never missed."""
         current = (self.weight, self.bias, self.running_mean, self.running_var)
+        wanted = _dispatch.param_dtype(x_dtype, *current)
         cached = self._checked_params
         if (cached is not None and cached[0] is current[0] and cached[1] is current[1]
-                and cached[2] is current[2] and cached[3] is current[3]):
+                and cached[2] is current[2] and cached[3] is current[3]
+                and cached[4] == wanted):
             return current
-        checked = _dispatch.param_arrays(self.num_features, self.dtype, *current)
+        checked = _dispatch.param_arrays(self.num_features, x_dtype, *current)
         if all(a is b for a, b in zip(checked, current)):
-            self._checked_params = current
+            self._checked_params = current + (wanted,)
         return checked
 
     def backward(self, dy, out=None):

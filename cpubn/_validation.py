@@ -8,30 +8,49 @@ import operator
 
 import numpy as np
 
+# Parameter and running-statistic dtypes (a BatchNorm's dtype).
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
+_FLOAT16 = np.dtype(np.float16)
+_DATA_DTYPES_TEXT = "float32, float64, float16 or bfloat16 (ml_dtypes)"
+
+
+def _is_bfloat16(dtype):
+    """ml_dtypes.bfloat16 (optional package: only imported once such an array shows up)."""
+    if dtype.name != "bfloat16":
+        return False
+    try:
+        import ml_dtypes
+    except ImportError:
+        return False
+    return dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def is_half(dtype):
+    """A half-precision data dtype (float16 or bfloat16) of an array that passed
+    as_float_array: computed in float32, with float32 parameters."""
+    return dtype.itemsize == 2
 
 
 def as_float_array(x, name="input"):
-    """x as a float32/float64 ndarray in native byte order (no copy when it already is)."""
+    """x as an ndarray of a data dtype cpubn computes in (float32, float64, float16, or
+    bfloat16 from ml_dtypes) in native byte order (no copy when it already is)."""
     if type(x) is np.ndarray and (x.dtype is _FLOAT32 or x.dtype is _FLOAT64):
         return x                          # the common case, decided by identity checks
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and other non-array objects
-            raise TypeError(f"{name} must be an array of float32 or float64, "
+            raise TypeError(f"{name} must be an array of {_DATA_DTYPES_TEXT}, "
                             f"got {type(x).__name__}") from exc
     dtype = x.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        if dtype.kind == "f" and dtype.itemsize in (4, 8):   # non-native byte order
-            return x.astype(dtype.newbyteorder("="))
-        hint = " (half precision is not supported yet)" if dtype == np.float16 else ""
-        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}{hint}")
-    return x
+    if dtype in SUPPORTED_DTYPES or dtype == _FLOAT16 or _is_bfloat16(dtype):
+        return x
+    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):    # non-native byte order
+        return x.astype(dtype.newbyteorder("="))
+    raise TypeError(f"{name} must have dtype {_DATA_DTYPES_TEXT}, got {dtype}")
 
 
 def normalize_axis(axis, ndim, name="input"):
@@ -165,7 +184,11 @@ def check_num_features(num_features):
 def check_param_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        hint = ""
+        if dtype == _FLOAT16 or _is_bfloat16(dtype):
+            hint = (" (parameters stay float32 for half-precision inputs: use the default "
+                    "dtype=float32 and pass float16/bfloat16 data)")
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}{hint}")
     return dtype
 
 

@@ -30,8 +30,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     save_mean and save_invstd = 1 / sqrt(var + eps) are the float64 per-channel statistics
     that were used: pass them to batch_norm_backward.
 
-    x: float32 or float64 array, ndim >= 2, features on `axis` (1 = channels-first,
-    -1 = channels-last).  weight / bias: per-channel gamma / beta, or None (1 / 0).
+    x: float32, float64, float16 or bfloat16 (ml_dtypes) array, ndim >= 2, features on
+    `axis` (1 = channels-first, -1 = channels-last).  Half-precision x is computed in
+    float32 with float32 parameters (other float arrays are converted) and y is rounded
+    once to x's dtype.  weight / bias: per-channel gamma / beta, or None (1 / 0).
     out: optional array of x's shape and dtype to write y into; it may be x itself
     (in-place) but must not partially overlap it.  y has x's dtype, shape and memory order.
 
@@ -85,7 +87,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     save_mean / save_invstd are what batch_norm_forward returned.  training=True
     differentiates through the batch statistics; training=False treats them as constants
     (eval mode): dx = dy * weight * save_invstd.  dweight = sum(dy * (x - mean) * invstd)
-    and dbias = sum(dy) over all axes but `axis`, in weight's dtype (x's if weight is None).
+    and dbias = sum(dy) over all axes but `axis`, in weight's dtype (if weight is None:
+    x's, float32 for half-precision x).
     out: optional array for dx; it may be dy itself but must not overlap x (or y).
 
     For a fused forward (batch_norm_forward with activation / residual), pass the same
@@ -121,7 +124,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     saved = _dispatch.Saved(layout.dense(x), layout, stats, bool(training),
                             layout.dense(y) if relu else None, bool(residual))
     dx, grads, dresidual = _dispatch.backward(dy, saved, weight, out)
-    grad_dtype = weight.dtype if weight is not None else x.dtype
+    grad_dtype = weight.dtype if weight is not None else _dispatch.param_dtype(x.dtype)
     dweight, dbias = grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)
     if residual:
         return dx, dweight, dbias, dresidual

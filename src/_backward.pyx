@@ -2,10 +2,12 @@
 
 Data is seen as (N, C, S) C-contiguous (S == 1: channels-last rows).  Preconditions,
 checked by cpubn._validation / cpubn._dispatch before any call: dy, x and dx have the same
-dtype and N*C*S elements and are C-contiguous; dx is writeable and is dy itself or
-overlaps neither dy nor x; stats is a contiguous float64 array holding mean[C] then
-invstd[C]; weight is None or a contiguous length-C float array; grads is a contiguous
-float64 array of 2*C elements; every channel has at least one element.
+dtype (float32, float64, float16 or bfloat16) and N*C*S elements and are C-contiguous; dx
+is writeable and is dy itself or overlaps neither dy nor x; stats is a contiguous float64
+array holding mean[C] then invstd[C]; weight is None or a contiguous length-C float array
+(float32 for half-precision data); grads is a contiguous float64 array of 2*C elements;
+every channel has at least one element.  Half-precision data is computed in float with
+double sums, like float32 data, and dx is rounded once to the data type.
 
 With training=True the gradient flows through the batch statistics:
     dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = (x - mean) * invstd
@@ -25,10 +27,12 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (floating, rows_grad_sums, rows_input_grad, rows_masked_grad_sums,
-                       rows_normalize, run_grad_sums, run_input_grad, run_masked_grad_sums,
-                       run_normalize, shifted)
-from params cimport data_of, gamma_of, is_float32, param_t
+from bn_loops cimport (cpubn_bfloat16, cpubn_half, data_t, floating, rows_grad_sums,
+                       rows_input_grad, rows_masked_grad_sums, rows_normalize, run_grad_sums,
+                       run_input_grad, run_masked_grad_sums, run_normalize, shifted)
+from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
+                     UNSUPPORTED_TYPES, check_status, data_kind, data_of, gamma_of, is_float32,
+                     param_t)
 from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
                         channels_per_block, chunks_per_run, ordered_sum, rows_per_block,
                         split_item_channel, split_item_offset, split_item_slot)
@@ -41,7 +45,7 @@ cdef inline void input_grad_constants(double sum_dy, double sum_dy_xmu, double m
                                       floating* k, floating* a, floating* mean_hi,
                                       floating* b) noexcept nogil:
     # dx = dy * k + (x - mean) * a + b0, with the mean split as in the forward
-    # (mean_hi in the data type, remainder folded into b) so x - mean_hi stays exact.
+    # (mean_hi in the compute type, remainder folded into b) so x - mean_hi stays exact.
     # Eval mode: k only (a = b = mean_hi = 0).
     cdef double scale = gamma * invstd
     cdef double slope = -scale * invstd * invstd * sum_dy_xmu / count
@@ -63,8 +67,8 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
     grads[C + c] = sum_dy
 
 
-cdef inline void chunk_grad_sums(const floating* dy, const floating* y, const floating* x,
-                                 floating* g, Py_ssize_t offset, Py_ssize_t n, double mean,
+cdef inline void chunk_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
+                                 data_t* g, Py_ssize_t offset, Py_ssize_t n, double mean,
                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     # The sums of the gradient reaching the normalization over x[offset:offset + n]: dy's
     # (g == NULL), or those of the fused epilogue's g, which is stored into g as well.
@@ -75,8 +79,8 @@ cdef inline void chunk_grad_sums(const floating* dy, const floating* y, const fl
                              sum_dy, sum_dy_xmu)
 
 
-cdef inline void block_grad_sums(const floating* dy, const floating* y, const floating* x,
-                                 floating* g, Py_ssize_t offset, Py_ssize_t rows, Py_ssize_t C,
+cdef inline void block_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
+                                 data_t* g, Py_ssize_t offset, Py_ssize_t rows, Py_ssize_t C,
                                  const double* mean, double* sum_dy,
                                  double* sum_dy_xmu) noexcept nogil:
     # chunk_grad_sums for a block of channels-last rows starting at element offset.
@@ -89,7 +93,7 @@ cdef inline void block_grad_sums(const floating* dy, const floating* y, const fl
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
-cdef inline void input_grad_run(const floating* dy, const floating* x, floating* dx,
+cdef inline void input_grad_run(const data_t* dy, const data_t* x, data_t* dx,
                                 Py_ssize_t S, floating k, floating a, floating mean_hi,
                                 floating b, bint training, bint stream) noexcept nogil:
     if training:
@@ -98,20 +102,20 @@ cdef inline void input_grad_run(const floating* dy, const floating* x, floating*
         run_normalize(dy, dx, S, 0, k, 0, stream)   # dx = dy * k; x is not read
 
 
-cdef void backward_channel_block(const floating* dy, const floating* y, const floating* x,
-                                 floating* g, floating* dx, const double* stats,
+cdef void backward_channel_block(const data_t* dy, const data_t* y, const data_t* x,
+                                 data_t* g, data_t* dx, const double* stats,
                                  const param_t* weight, bint training, double* grads,
-                                 Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c0,
-                                 Py_ssize_t c1, bint stream) noexcept nogil:
+                                 floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                 Py_ssize_t c0, Py_ssize_t c1, bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: the gradient sums, then dx while the
     # block's dy (or g) and x slabs are still in L2 (DRAM: dy and x read once, dx written
     # once).  Each channel adds its partials in (n, chunk) order, as the split path does.
+    # constants: the call's k[C], a[C], mean_hi[C], b[C]; the block fills its channels.
     cdef double sum_dy[MAX_CHANNEL_BLOCK]
     cdef double sum_dy_xmu[MAX_CHANNEL_BLOCK]
-    cdef floating constants[4 * MAX_CHANNEL_BLOCK]
-    cdef Py_ssize_t n, j, k, offset, width = c1 - c0
+    cdef Py_ssize_t n, j, k, c, offset, width = c1 - c0
     cdef double part_dy, part_dy_xmu
-    cdef const floating* grad = dy if g == NULL else g    # what the dx pass differentiates
+    cdef const data_t* grad = dy if g == NULL else g    # what the dx pass differentiates
     for j in range(width):
         sum_dy[j] = 0.0
         sum_dy_xmu[j] = 0.0
@@ -124,25 +128,23 @@ cdef void backward_channel_block(const floating* dy, const floating* y, const fl
                 sum_dy[j] += part_dy
                 sum_dy_xmu[j] += part_dy_xmu
     for j in range(width):
-        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c0 + j], c0 + j, C, grads)
-        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c0 + j], stats[C + c0 + j],
-                             gamma_of(weight, c0 + j), <double>(N * S), training,
-                             &constants[j], &constants[MAX_CHANNEL_BLOCK + j],
-                             &constants[2 * MAX_CHANNEL_BLOCK + j],
-                             &constants[3 * MAX_CHANNEL_BLOCK + j])
+        c = c0 + j
+        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c], c, C, grads)
+        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c], stats[C + c],
+                             gamma_of(weight, c), <double>(N * S), training, &constants[c],
+                             &constants[C + c], &constants[2 * C + c], &constants[3 * C + c])
     for n in range(N):
-        for j in range(width):
-            offset = (n * C + c0 + j) * S
-            input_grad_run(grad + offset, x + offset, dx + offset, S, constants[j],
-                           constants[MAX_CHANNEL_BLOCK + j],
-                           constants[2 * MAX_CHANNEL_BLOCK + j],
-                           constants[3 * MAX_CHANNEL_BLOCK + j], training, stream)
+        for c in range(c0, c1):
+            offset = (n * C + c) * S
+            input_grad_run(grad + offset, x + offset, dx + offset, S, constants[c],
+                           constants[C + c], constants[2 * C + c], constants[3 * C + c],
+                           training, stream)
 
 
-cdef int backward_nchw(const floating* dy, const floating* y, const floating* x, floating* g,
-                       floating* dx, const double* stats, const param_t* weight,
-                       bint training, double* grads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                       int n_threads, bint stream) noexcept nogil:
+cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
+                       data_t* dx, const double* stats, const param_t* weight,
+                       bint training, double* grads, floating* constants, Py_ssize_t N,
+                       Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (backward_channel_block).
     # Otherwise partial sums are computed in parallel in memory order, added per channel
     # in a fixed order, and dx is written in a second pass.
@@ -153,22 +155,19 @@ cdef int backward_nchw(const floating* dy, const floating* y, const floating* x,
     cdef Py_ssize_t units = N * chunks
     cdef double sum_dy, sum_dy_xmu
     cdef double* partials
-    cdef floating* constants
-    cdef const floating* grad = dy if g == NULL else g
+    cdef const data_t* grad = dy if g == NULL else g
 
     if blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            backward_channel_block(dy, y, x, g, dx, stats, weight, training, grads, N, C, S,
-                                   b * per_block, min(C, (b + 1) * per_block), stream)
+            backward_channel_block(dy, y, x, g, dx, stats, weight, training, grads,
+                                   constants, N, C, S, b * per_block,
+                                   min(C, (b + 1) * per_block), stream)
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
-    constants = <floating*>malloc(4 * C * sizeof(floating))
-    if partials == NULL or constants == NULL:
-        free(partials)
-        free(constants)
-        return -1
+    if partials == NULL:
+        return OUT_OF_MEMORY
     # Work items in memory order (partition.pxd: split_item_*); item u's sum(dy) at
     # partials[slot], its sum(dy * (x - mean)) at partials[C * units + slot].
     for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
@@ -190,16 +189,15 @@ cdef int backward_nchw(const floating* dy, const floating* y, const floating* x,
         input_grad_run(grad + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
                        constants[2 * C + c], constants[3 * C + c], training, stream)
     free(partials)
-    free(constants)
     return 0
 
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
-cdef int backward_nhwc(const floating* dy, const floating* y, const floating* x, floating* g,
-                       floating* dx, const double* stats, const param_t* weight,
-                       bint training, double* grads, Py_ssize_t R, Py_ssize_t C,
-                       int n_threads, bint stream) noexcept nogil:
+cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
+                       data_t* dx, const double* stats, const param_t* weight,
+                       bint training, double* grads, floating* constants, Py_ssize_t R,
+                       Py_ssize_t C, int n_threads, bint stream) noexcept nogil:
     # Per-block sums of all channels (vectorized over C), summed per channel in block
     # order, then a pass writing dx.  DRAM: dy and x read twice (x once in eval mode),
     # dx written once.
@@ -208,12 +206,9 @@ cdef int backward_nhwc(const floating* dy, const floating* y, const floating* x,
     cdef Py_ssize_t b, c
     cdef double sum_dy, sum_dy_xmu
     cdef double* partials = <double*>malloc(2 * blocks * C * sizeof(double))
-    cdef floating* constants = <floating*>malloc(4 * C * sizeof(floating))
-    cdef const floating* grad = dy if g == NULL else g
-    if partials == NULL or constants == NULL:
-        free(partials)
-        free(constants)
-        return -1
+    cdef const data_t* grad = dy if g == NULL else g
+    if partials == NULL:
+        return OUT_OF_MEMORY
     # Block b's sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at partials[(blocks + b) * C:].
     for b in prange(blocks, schedule='static', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
@@ -238,20 +233,19 @@ cdef int backward_nhwc(const floating* dy, const floating* y, const floating* x,
             rows_normalize(grad + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
                            constants + 2 * C, constants, constants + 3 * C, stream)
     free(partials)
-    free(constants)
     return 0
 
 
-cdef inline int backward_any(const floating* dy, const floating* y, const floating* x,
-                             floating* g, floating* dx, const double* stats,
-                             const param_t* weight, bint training, double* grads, Py_ssize_t N,
-                             Py_ssize_t C, Py_ssize_t S, int n_threads,
-                             bint stream) noexcept nogil:
+cdef inline int backward_any(const data_t* dy, const data_t* y, const data_t* x,
+                             data_t* g, data_t* dx, const double* stats,
+                             const param_t* weight, bint training, double* grads,
+                             floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                             int n_threads, bint stream) noexcept nogil:
     if S == 1:
-        return backward_nhwc(dy, y, x, g, dx, stats, weight, training, grads, N, C,
+        return backward_nhwc(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C,
                              n_threads, stream)
-    return backward_nchw(dy, y, x, g, dx, stats, weight, training, grads, N, C, S, n_threads,
-                         stream)
+    return backward_nchw(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C, S,
+                         n_threads, stream)
 
 
 def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ssize_t C,
@@ -279,24 +273,38 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     cdef void* pw = data_of(weight)
     cdef const double* ps = <const double*>data_of(stats)
     cdef double* pgr = <double*>data_of(grads)
-    cdef bint data32 = is_float32(dy), param32 = weight is None or is_float32(weight)
-    cdef int status
-    with nogil:
-        if data32 and param32:
-            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
-                                  <float*>pdx, ps, <float*>pw, training, pgr, N, C, S,
-                                  n_threads, stream)
-        elif data32:
-            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
-                                  <float*>pdx, ps, <double*>pw, training, pgr, N, C, S,
-                                  n_threads, stream)
-        elif param32:
-            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
-                                  <double*>pdx, ps, <float*>pw, training, pgr, N, C, S,
-                                  n_threads, stream)
-        else:
-            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
-                                  <double*>pdx, ps, <double*>pw, training, pgr, N, C, S,
-                                  n_threads, stream)
-    if status != 0:
+    cdef int kind = data_kind(dy)
+    cdef bint param32 = weight is None or is_float32(weight)
+    cdef int status = UNSUPPORTED_TYPES
+    # Per-channel constants in the compute type (at most a double each).
+    cdef void* pc = malloc(4 * C * sizeof(double))
+    if pc == NULL:
         raise MemoryError("cpubn: could not allocate kernel scratch")
+    with nogil:
+        if kind == DATA_FLOAT32 and param32:
+            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
+                                  <float*>pdx, ps, <float*>pw, training, pgr, <float*>pc, N,
+                                  C, S, n_threads, stream)
+        elif kind == DATA_FLOAT32:
+            status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
+                                  <float*>pdx, ps, <double*>pw, training, pgr, <float*>pc, N,
+                                  C, S, n_threads, stream)
+        elif kind == DATA_FLOAT64 and param32:
+            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
+                                  <double*>pdx, ps, <float*>pw, training, pgr, <double*>pc, N,
+                                  C, S, n_threads, stream)
+        elif kind == DATA_FLOAT64:
+            status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
+                                  <double*>pdx, ps, <double*>pw, training, pgr, <double*>pc,
+                                  N, C, S, n_threads, stream)
+        elif kind == DATA_FLOAT16 and param32:
+            status = backward_any(<cpubn_half*>pdy, <cpubn_half*>py, <cpubn_half*>px,
+                                  <cpubn_half*>pg, <cpubn_half*>pdx, ps, <float*>pw, training,
+                                  pgr, <float*>pc, N, C, S, n_threads, stream)
+        elif kind == DATA_BFLOAT16 and param32:
+            status = backward_any(<cpubn_bfloat16*>pdy, <cpubn_bfloat16*>py,
+                                  <cpubn_bfloat16*>px, <cpubn_bfloat16*>pg,
+                                  <cpubn_bfloat16*>pdx, ps, <float*>pw, training, pgr,
+                                  <float*>pc, N, C, S, n_threads, stream)
+    free(pc)
+    check_status(status)

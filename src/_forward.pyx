@@ -3,10 +3,14 @@
 Data is seen as (N, C, S) C-contiguous: channels-first with S = product of the dims after
 the feature axis, channels-last when S == 1 (then N is the row count R).  Preconditions,
 all checked by cpubn._validation / cpubn._dispatch before any call: x and y have the same
-dtype (float32 or float64) and N*C*S elements, are C-contiguous, y is writeable and is
-either x itself or does not overlap it; weight, bias, mean, var are None or contiguous
-length-C arrays of one float dtype; stats is a contiguous float64 array of 3*C (train) or
-2*C (eval) elements; every channel has at least one element.
+dtype (float32, float64, float16 or bfloat16) and N*C*S elements, are C-contiguous, y is
+writeable and is either x itself or does not overlap it; weight, bias, mean, var are None
+or contiguous length-C arrays of one float dtype, float32 for half-precision data; stats
+is a contiguous float64 array of 3*C (train) or 2*C (eval) elements; every channel has at
+least one element.
+
+Half-precision data (float16, bfloat16) is computed like float32 data, in float with
+double accumulation, and each output is rounded once to the data type.
 
 stats receives, back to back: mean, invstd = 1 / sqrt(var + eps) and (train only) the
 biased batch variance, all float64.  The kernels release the GIL while they run.
@@ -21,9 +25,12 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (chan_merge, combine_row_blocks, floating, rows_mean_m2,
-                       rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
-from params cimport beta_of, data_of, gamma_of, is_float32, param_t, params_float32
+from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half, data_t,
+                       floating, rows_mean_m2, rows_normalize_act, run_mean_m2,
+                       run_normalize_act, shifted)
+from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
+                     OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_status, data_kind, data_of, gamma_of,
+                     is_float32, param_t, params_float32)
 from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows,
                         chunk_length, channels_per_block, chunks_per_run, rows_per_block,
                         split_item_offset, split_item_slot)
@@ -35,7 +42,7 @@ cdef inline void normalize_constants(double mean, double invstd, double gamma, d
                                      floating* mean_hi, floating* scale,
                                      floating* shift) noexcept nogil:
     # y = (x - mean) * s + beta is evaluated as (x - mean_hi) * s + (beta - (mean - mean_hi) * s).
-    # mean_hi is the mean rounded to the data type, so x - mean_hi is exact for x near the
+    # mean_hi is the mean rounded to the compute type, so x - mean_hi is exact for x near the
     # mean however large the offset; the rounding remainder rides in the shift, computed in
     # double.  A single rounded `x * s + (beta - mean * s)` would lose ~offset * 6e-8 in float32.
     cdef double s = invstd * gamma
@@ -55,20 +62,20 @@ cdef inline void store_channel(double mean, double m2, double count, double eps,
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
-cdef void train_channel_block(const floating* x, const floating* r, floating* y,
+cdef void train_channel_block(const data_t* x, const data_t* r, data_t* y,
                               const param_t* weight, const param_t* bias, double eps,
-                              double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                              Py_ssize_t c0, Py_ssize_t c1, bint relu,
+                              double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C,
+                              Py_ssize_t S, Py_ssize_t c0, Py_ssize_t c1, bint relu,
                               bint stream) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: statistics, then normalization while the
     # block's slab is still in L2, so DRAM sees x read once and y written once.  Each
     # channel merges its partials (one per run chunk) in (n, chunk) order, the order the
     # split path of train_nchw uses too: both give identical bits.  (Interleaving the next
     # block's reads with this block's writes was tried: no gain at 1 or 2 threads.)
+    # constants: the call's mean_hi[C], scale[C], shift[C]; the block fills its channels.
     cdef double count[MAX_CHANNEL_BLOCK]
     cdef double mean[MAX_CHANNEL_BLOCK]
     cdef double m2[MAX_CHANNEL_BLOCK]
-    cdef floating constants[3 * MAX_CHANNEL_BLOCK]
     cdef Py_ssize_t n, j, k, length, width = c1 - c0
     cdef double part_mean, part_m2
     for j in range(width):
@@ -85,18 +92,16 @@ cdef void train_channel_block(const floating* x, const floating* r, floating* y,
     for j in range(width):
         store_channel(mean[j], m2[j], count[j], eps, c0 + j, C, stats)
         normalize_constants(mean[j], stats[C + c0 + j], gamma_of(weight, c0 + j),
-                            beta_of(bias, c0 + j), &constants[j],
-                            &constants[MAX_CHANNEL_BLOCK + j],
-                            &constants[2 * MAX_CHANNEL_BLOCK + j])
+                            beta_of(bias, c0 + j), &constants[c0 + j],
+                            &constants[C + c0 + j], &constants[2 * C + c0 + j])
     for n in range(N):
         for j in range(width):
             run_normalize_act(x + (n * C + c0 + j) * S, shifted(r, (n * C + c0 + j) * S),
-                              y + (n * C + c0 + j) * S, S, constants[j],
-                              constants[MAX_CHANNEL_BLOCK + j],
-                              constants[2 * MAX_CHANNEL_BLOCK + j], relu, stream)
+                              y + (n * C + c0 + j) * S, S, constants[c0 + j],
+                              constants[C + c0 + j], constants[2 * C + c0 + j], relu, stream)
 
 
-cdef void normalize_runs_nchw(const floating* x, const floating* r, floating* y, Py_ssize_t N,
+cdef void normalize_runs_nchw(const data_t* x, const data_t* r, data_t* y, Py_ssize_t N,
                               Py_ssize_t C, Py_ssize_t S, const floating* constants,
                               int n_threads, bint relu, bint stream) noexcept nogil:
     # constants: mean_hi[C], scale[C], shift[C] back to back.
@@ -108,9 +113,9 @@ cdef void normalize_runs_nchw(const floating* x, const floating* r, floating* y,
                           constants[C + c], constants[2 * C + c], relu, stream)
 
 
-cdef int train_nchw(const floating* x, const floating* r, floating* y, const param_t* weight,
-                    const param_t* bias, double eps, double* stats, Py_ssize_t N,
-                    Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
+cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* weight,
+                    const param_t* bias, double eps, double* stats, floating* constants,
+                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
                     bint stream) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (train_channel_block).
     # Otherwise (few channels) the partials are computed in parallel in memory order,
@@ -122,21 +127,17 @@ cdef int train_nchw(const floating* x, const floating* r, floating* y, const par
     cdef Py_ssize_t units = N * chunks          # partials per channel
     cdef double count, mean, m2
     cdef double* partials
-    cdef floating* constants
 
     if blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            train_channel_block(x, r, y, weight, bias, eps, stats, N, C, S, b * per_block,
-                                min(C, (b + 1) * per_block), relu, stream)
+            train_channel_block(x, r, y, weight, bias, eps, stats, constants, N, C, S,
+                                b * per_block, min(C, (b + 1) * per_block), relu, stream)
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
-    constants = <floating*>malloc(3 * C * sizeof(floating))
-    if partials == NULL or constants == NULL:
-        free(partials)
-        free(constants)
-        return -1
+    if partials == NULL:
+        return OUT_OF_MEMORY
     # Work items in memory order; item u's mean at partials[slot], its m2 at
     # partials[C * units + slot] (partition.pxd: split_item_*).
     for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
@@ -156,13 +157,12 @@ cdef int train_nchw(const floating* x, const floating* r, floating* y, const par
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
     free(partials)
-    free(constants)
     return 0
 
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
-cdef void normalize_blocks_nhwc(const floating* x, const floating* r, floating* y, Py_ssize_t R,
+cdef void normalize_blocks_nhwc(const data_t* x, const data_t* r, data_t* y, Py_ssize_t R,
                                 Py_ssize_t C, const floating* constants, int n_threads,
                                 bint relu, bint stream) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
@@ -173,9 +173,10 @@ cdef void normalize_blocks_nhwc(const floating* x, const floating* r, floating* 
                            constants + 2 * C, relu, stream)
 
 
-cdef int train_nhwc(const floating* x, const floating* r, floating* y, const param_t* weight,
-                    const param_t* bias, double eps, double* stats, Py_ssize_t R,
-                    Py_ssize_t C, int n_threads, bint relu, bint stream) noexcept nogil:
+cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* weight,
+                    const param_t* bias, double eps, double* stats, floating* constants,
+                    Py_ssize_t R, Py_ssize_t C, int n_threads, bint relu,
+                    bint stream) noexcept nogil:
     # Per-block statistics of all channels at once (the channel loop is the vector loop),
     # combined per channel in block order, then a normalization pass.  DRAM traffic: x
     # read twice, y written once.
@@ -185,11 +186,8 @@ cdef int train_nhwc(const floating* x, const floating* r, floating* y, const par
     cdef Py_ssize_t b, t, c
     cdef double* partials = <double*>malloc((4 * blocks + 3) * C * sizeof(double))
     cdef double* combined
-    cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
-    if partials == NULL or constants == NULL:
-        free(partials)
-        free(constants)
-        return -1
+    if partials == NULL:
+        return OUT_OF_MEMORY
     # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], its
     # scratch (2 * C) at partials[(2 * blocks + 2 * b) * C:]; then the combined mean, m2
     # and scratch.
@@ -209,21 +207,17 @@ cdef int train_nhwc(const floating* x, const floating* r, floating* y, const par
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     normalize_blocks_nhwc(x, r, y, R, C, constants, n_threads, relu, stream)
     free(partials)
-    free(constants)
     return 0
 
 
 # ---------------------------------------------------------------- eval (given statistics)
 
-cdef int eval_any(const floating* x, const floating* r, floating* y, const param_t* mean,
+cdef int eval_any(const data_t* x, const data_t* r, data_t* y, const param_t* mean,
                   const param_t* var, const param_t* weight, const param_t* bias, double eps,
-                  double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
-                  bint relu, bint stream) noexcept nogil:
+                  double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  int n_threads, bint relu, bint stream) noexcept nogil:
     # One pass over the data: x read once, y written once.
     cdef Py_ssize_t c
-    cdef floating* constants = <floating*>malloc(3 * C * sizeof(floating))
-    if constants == NULL:
-        return -1
     for c in range(C):
         stats[c] = <double>mean[c]
         stats[C + c] = 1.0 / sqrt(<double>var[c] + eps)
@@ -233,17 +227,18 @@ cdef int eval_any(const floating* x, const floating* r, floating* y, const param
         normalize_blocks_nhwc(x, r, y, N, C, constants, n_threads, relu, stream)
     else:
         normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
-    free(constants)
     return 0
 
 
-cdef inline int train_any(const floating* x, const floating* r, floating* y,
+cdef inline int train_any(const data_t* x, const data_t* r, data_t* y,
                           const param_t* weight, const param_t* bias, double eps,
-                          double* stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                          int n_threads, bint relu, bint stream) noexcept nogil:
+                          double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C,
+                          Py_ssize_t S, int n_threads, bint relu, bint stream) noexcept nogil:
     if S == 1:
-        return train_nhwc(x, r, y, weight, bias, eps, stats, N, C, n_threads, relu, stream)
-    return train_nchw(x, r, y, weight, bias, eps, stats, N, C, S, n_threads, relu, stream)
+        return train_nhwc(x, r, y, weight, bias, eps, stats, constants, N, C, n_threads,
+                          relu, stream)
+    return train_nchw(x, r, y, weight, bias, eps, stats, constants, N, C, S, n_threads, relu,
+                      stream)
 
 
 # ---------------------------------------------------------------- entry points
@@ -260,23 +255,37 @@ def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_
     cdef void* pw = data_of(weight)
     cdef void* pb = data_of(bias)
     cdef double* ps = <double*>data_of(stats)
-    cdef bint data32 = is_float32(x), param32 = params_float32(weight, bias)
-    cdef int status
-    with nogil:
-        if data32 and param32:
-            status = train_any(<float*>px, <float*>pr, <float*>py, <float*>pw, <float*>pb,
-                               eps, ps, N, C, S, n_threads, relu, stream)
-        elif data32:
-            status = train_any(<float*>px, <float*>pr, <float*>py, <double*>pw, <double*>pb,
-                               eps, ps, N, C, S, n_threads, relu, stream)
-        elif param32:
-            status = train_any(<double*>px, <double*>pr, <double*>py, <float*>pw, <float*>pb,
-                               eps, ps, N, C, S, n_threads, relu, stream)
-        else:
-            status = train_any(<double*>px, <double*>pr, <double*>py, <double*>pw,
-                               <double*>pb, eps, ps, N, C, S, n_threads, relu, stream)
-    if status != 0:
+    cdef int kind = data_kind(x)
+    cdef bint param32 = params_float32(weight, bias)
+    cdef int status = UNSUPPORTED_TYPES
+    # Per-channel constants in the compute type (at most a double each).
+    cdef void* pc = malloc(3 * C * sizeof(double))
+    if pc == NULL:
         raise MemoryError("cpubn: could not allocate kernel scratch")
+    with nogil:
+        if kind == DATA_FLOAT32 and param32:
+            status = train_any(<float*>px, <float*>pr, <float*>py, <float*>pw, <float*>pb,
+                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream)
+        elif kind == DATA_FLOAT32:
+            status = train_any(<float*>px, <float*>pr, <float*>py, <double*>pw, <double*>pb,
+                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream)
+        elif kind == DATA_FLOAT64 and param32:
+            status = train_any(<double*>px, <double*>pr, <double*>py, <float*>pw, <float*>pb,
+                               eps, ps, <double*>pc, N, C, S, n_threads, relu, stream)
+        elif kind == DATA_FLOAT64:
+            status = train_any(<double*>px, <double*>pr, <double*>py, <double*>pw,
+                               <double*>pb, eps, ps, <double*>pc, N, C, S, n_threads, relu,
+                               stream)
+        elif kind == DATA_FLOAT16 and param32:
+            status = train_any(<cpubn_half*>px, <cpubn_half*>pr, <cpubn_half*>py, <float*>pw,
+                               <float*>pb, eps, ps, <float*>pc, N, C, S, n_threads, relu,
+                               stream)
+        elif kind == DATA_BFLOAT16 and param32:
+            status = train_any(<cpubn_bfloat16*>px, <cpubn_bfloat16*>pr, <cpubn_bfloat16*>py,
+                               <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C, S,
+                               n_threads, relu, stream)
+    free(pc)
+    check_status(status)
 
 
 def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
@@ -292,24 +301,36 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
     cdef void* pw = data_of(weight)
     cdef void* pb = data_of(bias)
     cdef double* ps = <double*>data_of(stats)
-    cdef bint data32 = is_float32(x), param32 = is_float32(mean)
-    cdef int status
-    with nogil:
-        if data32 and param32:
-            status = eval_any(<float*>px, <float*>pr, <float*>py, <float*>pm, <float*>pv,
-                              <float*>pw, <float*>pb, eps, ps, N, C, S, n_threads, relu,
-                              stream)
-        elif data32:
-            status = eval_any(<float*>px, <float*>pr, <float*>py, <double*>pm, <double*>pv,
-                              <double*>pw, <double*>pb, eps, ps, N, C, S, n_threads, relu,
-                              stream)
-        elif param32:
-            status = eval_any(<double*>px, <double*>pr, <double*>py, <float*>pm, <float*>pv,
-                              <float*>pw, <float*>pb, eps, ps, N, C, S, n_threads, relu,
-                              stream)
-        else:
-            status = eval_any(<double*>px, <double*>pr, <double*>py, <double*>pm,
-                              <double*>pv, <double*>pw, <double*>pb, eps, ps, N, C, S,
-                              n_threads, relu, stream)
-    if status != 0:
+    cdef int kind = data_kind(x)
+    cdef bint param32 = is_float32(mean)
+    cdef int status = UNSUPPORTED_TYPES
+    cdef void* pc = malloc(3 * C * sizeof(double))
+    if pc == NULL:
         raise MemoryError("cpubn: could not allocate kernel scratch")
+    with nogil:
+        if kind == DATA_FLOAT32 and param32:
+            status = eval_any(<float*>px, <float*>pr, <float*>py, <float*>pm, <float*>pv,
+                              <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C, S,
+                              n_threads, relu, stream)
+        elif kind == DATA_FLOAT32:
+            status = eval_any(<float*>px, <float*>pr, <float*>py, <double*>pm, <double*>pv,
+                              <double*>pw, <double*>pb, eps, ps, <float*>pc, N, C, S,
+                              n_threads, relu, stream)
+        elif kind == DATA_FLOAT64 and param32:
+            status = eval_any(<double*>px, <double*>pr, <double*>py, <float*>pm, <float*>pv,
+                              <float*>pw, <float*>pb, eps, ps, <double*>pc, N, C, S,
+                              n_threads, relu, stream)
+        elif kind == DATA_FLOAT64:
+            status = eval_any(<double*>px, <double*>pr, <double*>py, <double*>pm,
+                              <double*>pv, <double*>pw, <double*>pb, eps, ps, <double*>pc, N,
+                              C, S, n_threads, relu, stream)
+        elif kind == DATA_FLOAT16 and param32:
+            status = eval_any(<cpubn_half*>px, <cpubn_half*>pr, <cpubn_half*>py, <float*>pm,
+                              <float*>pv, <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C,
+                              S, n_threads, relu, stream)
+        elif kind == DATA_BFLOAT16 and param32:
+            status = eval_any(<cpubn_bfloat16*>px, <cpubn_bfloat16*>pr, <cpubn_bfloat16*>py,
+                              <float*>pm, <float*>pv, <float*>pw, <float*>pb, eps, ps,
+                              <float*>pc, N, C, S, n_threads, relu, stream)
+    free(pc)
+    check_status(status)

@@ -1,4 +1,5 @@
-/* Innermost loops of the cpubn kernels, for float (suffix _f32) and double (suffix _f64).
+/* Innermost loops of the cpubn kernels, for float (suffix _f32), double (_f64), IEEE half
+ * (_f16: NumPy's float16) and bfloat16 (_bf16: ml_dtypes.bfloat16).
  *
  * Why C and not Cython: the reductions need several independent vector accumulators and
  * `#pragma omp simd`, which Cython cannot express, and each loop is compiled for AVX-512,
@@ -11,7 +12,9 @@
  *   run_*  : one contiguous run of one channel (channels-first: x[n, c, 0:S]).
  *   rows_* : a block of rows of a (rows, C) matrix, per-channel work vectorized over C
  *            (channels-last).
- * All reductions accumulate in double.  The templated bodies live in bn_loops_impl.h.
+ * All reductions accumulate in double.  The templated bodies live in bn_loops_impl.h
+ * (float, double) and bn_loops_half_impl.h (half precision: computed in float, with
+ * float per-channel constants, and rounded once when stored: PyTorch's "mixed type").
  */
 #ifndef CPUBN_BN_LOOPS_H
 #define CPUBN_BN_LOOPS_H
@@ -74,6 +77,88 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 
 /* Bytes computed into an L1-resident buffer before each streaming copy. */
 #define CPUBN_STREAM_BUFFER 8192
+
+/* Half-precision storage.  Structs rather than bare uint16_t so that the two formats are
+ * distinct types (the Cython layer dispatches on them) and never mistaken for integers. */
+typedef struct { uint16_t bits; } cpubn_half;
+typedef struct { uint16_t bits; } cpubn_bfloat16;
+
+CPUBN_INLINE float cpubn_float_from_bits(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+CPUBN_INLINE uint32_t cpubn_bits_from_float(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* The portable conversions (bn_loops_half.h uses F16C / AVX2 where the CPU has them, and
+ * these elsewhere and for loop tails): integer bit manipulation with selects instead of
+ * branches, so that they vectorize.  Loads are exact; stores round to nearest, ties to
+ * even, like NumPy's astype(float16), ml_dtypes and the hardware conversions: the same
+ * bits on every CPU. */
+CPUBN_INLINE float cpubn_half_to_float(cpubn_half h)
+{
+    uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16;
+    uint32_t exponent = h.bits & 0x7c00u;
+    uint32_t magnitude = (uint32_t)(h.bits & 0x7fffu) << 13;  /* fields at float positions */
+    /* Normal numbers: rebias the exponent from 15 to 127.  Inf and NaN: all-ones exponent
+     * in both formats (the mantissa, i.e. the NaN payload, is kept). */
+    uint32_t normal = magnitude + (112u << 23);
+    uint32_t special = magnitude + (224u << 23);
+    /* Zero and subnormals, m * 2^-24: give the mantissa the exponent of 2^-14, which makes
+     * the float 2^-14 + m * 2^-24, and subtract 2^-14 (exact). */
+    uint32_t subnormal = cpubn_bits_from_float(cpubn_float_from_bits(magnitude + (113u << 23))
+                                               - cpubn_float_from_bits(113u << 23));
+    /* Selected with masks, not ?:, so the float subtraction stays unconditional: GCC
+     * will not vectorize a float operation it had to make conditional. */
+    uint32_t is_subnormal = 0u - (uint32_t)(exponent == 0);
+    uint32_t is_special = 0u - (uint32_t)(exponent == 0x7c00u);
+    uint32_t is_normal = ~(is_subnormal | is_special);
+    return cpubn_float_from_bits((subnormal & is_subnormal) | (special & is_special)
+                                 | (normal & is_normal) | sign);
+}
+
+CPUBN_INLINE cpubn_half cpubn_half_from_float(float f)
+{
+    uint32_t u = cpubn_bits_from_float(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    /* Normal range: rebias the exponent and round away the low 13 mantissa bits to nearest
+     * even; a carry out of the mantissa bumps the exponent, as it should. */
+    uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    /* Below 2^-14 (half subnormals): in 0.5 + |f| the float's own rounding leaves |f| to a
+     * multiple of 2^-24, i.e. the subnormal mantissa, in the low bits (1024 = 2^-14 is the
+     * smallest normal's encoding, also right).  Masks again keep the addition unconditional. */
+    uint32_t subnormal = cpubn_bits_from_float(cpubn_float_from_bits(a) + 0.5f) - 0x3f000000u;
+    uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);                /* quiet, payload kept */
+    uint32_t is_subnormal = 0u - (uint32_t)(a < 0x38800000u);
+    uint32_t is_overflow = 0u - (uint32_t)(a >= 0x477ff000u);    /* >= 65520, inf, NaN */
+    uint32_t is_nan = 0u - (uint32_t)(a > 0x7f800000u);
+    uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+    uint32_t bits = (finite & ~is_overflow) | (0x7c00u & is_overflow & ~is_nan) | (nan & is_nan);
+    cpubn_half h = {(uint16_t)(bits | sign)};
+    return h;
+}
+
+CPUBN_INLINE float cpubn_bfloat16_to_float(cpubn_bfloat16 b)
+{
+    return cpubn_float_from_bits((uint32_t)b.bits << 16);     /* bfloat16 is a float's top half */
+}
+
+CPUBN_INLINE cpubn_bfloat16 cpubn_bfloat16_from_float(float f)
+{
+    uint32_t u = cpubn_bits_from_float(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  /* nearest even; overflow: inf */
+    uint32_t nan = (u >> 16) | 0x0040u;                         /* quiet, sign kept */
+    cpubn_bfloat16 b = {(uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+    return b;
+}
 
 #define CPUBN_CAT_(a, b) a##b
 #define CPUBN_CAT(a, b) CPUBN_CAT_(a, b)
@@ -147,5 +232,8 @@ static void combine_row_blocks(const double *means, const double *m2s, ptrdiff_t
         m2[c] -= dev[c] * dev[c] / (double)R;
     }
 }
+
+/* float16 and bfloat16: tiles through the float32 loops (needs them and chan_merge). */
+#include "bn_loops_half.h"
 
 #endif

@@ -330,14 +330,14 @@ CPUBN_CLONES static void FN(rows_normalize)(const T *CPUBN_RESTRICT x, T *CPUBN_
     }
 }
 
-/* Per-channel sum(dy) and sum(dy * (x - mean)) of a block of rows (overwrites the sums). */
-CPUBN_CLONES static void FN(rows_grad_sums)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,
-                                            ptrdiff_t rows, ptrdiff_t C,
-                                            const double *CPUBN_RESTRICT mean,
-                                            double *CPUBN_RESTRICT sum_dy,
-                                            double *CPUBN_RESTRICT sum_dy_xmu)
+/* Adds the per-channel sum(dy) and sum(dy * (x - mean)) of a block of rows to the sums
+ * (row by row: the half-precision loops add tile after tile and get the same bits). */
+CPUBN_CLONES static void FN(rows_grad_sums_add)(const T *CPUBN_RESTRICT dy,
+                                                const T *CPUBN_RESTRICT x, ptrdiff_t rows,
+                                                ptrdiff_t C, const double *CPUBN_RESTRICT mean,
+                                                double *CPUBN_RESTRICT sum_dy,
+                                                double *CPUBN_RESTRICT sum_dy_xmu)
 {
-    for (ptrdiff_t c = 0; c < C; c++) { sum_dy[c] = 0.0; sum_dy_xmu[c] = 0.0; }
     for (ptrdiff_t r = 0; r < rows; r++) {
         const T *gr = dy + r * C;
         const T *xr = x + r * C;
@@ -348,6 +348,14 @@ CPUBN_CLONES static void FN(rows_grad_sums)(const T *CPUBN_RESTRICT dy, const T 
             sum_dy_xmu[c] += g * ((double)xr[c] - mean[c]);
         }
     }
+}
+
+/* Per-channel sum(dy) and sum(dy * (x - mean)) of a block of rows (overwrites the sums). */
+static void FN(rows_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t C,
+                               const double *mean, double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < C; c++) { sum_dy[c] = 0.0; sum_dy_xmu[c] = 0.0; }
+    FN(rows_grad_sums_add)(dy, x, rows, C, mean, sum_dy, sum_dy_xmu);
 }
 
 CPUBN_CLONES static void FN(rows_input_grad)(const T *CPUBN_RESTRICT dy, const T *CPUBN_RESTRICT x,

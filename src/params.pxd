@@ -26,6 +26,41 @@ cdef inline void* data_of(object array):
     return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
+cdef enum:
+    # Storage type of a data array (data_kind).
+    DATA_FLOAT32
+    DATA_FLOAT64
+    DATA_FLOAT16
+    DATA_BFLOAT16
+
+
+cdef inline int data_kind(object array):
+    cdef int type_num = cnp.PyArray_TYPE(<cnp.ndarray>array)
+    if type_num == cnp.NPY_FLOAT32:
+        return DATA_FLOAT32
+    if type_num == cnp.NPY_FLOAT64:
+        return DATA_FLOAT64
+    if type_num == cnp.NPY_FLOAT16:
+        return DATA_FLOAT16
+    # ml_dtypes.bfloat16 is a user-defined dtype without a fixed type number; it is the
+    # only other dtype cpubn._validation lets through.
+    return DATA_BFLOAT16
+
+
+cdef enum:
+    # Kernel status codes (0: success).
+    OUT_OF_MEMORY = -1
+    UNSUPPORTED_TYPES = -2
+
+
+cdef inline check_status(int status):
+    if status == OUT_OF_MEMORY:
+        raise MemoryError("cpubn: could not allocate kernel scratch")
+    if status == UNSUPPORTED_TYPES:
+        # cpubn._dispatch gives half-precision data float32 parameters; this is a bug guard.
+        raise TypeError("cpubn: no kernel for this combination of data and parameter dtypes")
+
+
 cdef inline bint is_float32(object array):
     return cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_FLOAT32
 
