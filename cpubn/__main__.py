@@ -8,7 +8,7 @@ commands:
   bench    measure cpubn against the memory-bandwidth roofline, NumPy and PyTorch
   demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1);
            'demo --convnet': a small conv net in channels-first and channels-last layouts
-  info     print the build: version, OpenMP, threads
+  info     print the build: version, OpenMP, threads, half-precision conversions
 
 'python -m cpubn COMMAND --help' describes a command's options."""
 
@@ -30,8 +30,10 @@ def main(argv=None):
         return demo_main(rest)
     if command == "info":
         import cpubn
+        from ._forward import half_conversions
         print(f"cpubn {cpubn.__version__}: OpenMP {'on' if cpubn.openmp_enabled() else 'off'}, "
-              f"{cpubn.get_num_threads()} threads")
+              f"{cpubn.get_num_threads()} threads; half-precision conversions: "
+              + ", ".join(f"{name} {kind}" for name, kind in half_conversions().items()))
         return 0
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -25,9 +25,9 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half, data_t,
-                       floating, rows_mean_m2, rows_normalize_act, run_mean_m2,
-                       run_normalize_act, shifted)
+from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half,
+                       cpubn_half_conversions, data_t, floating, rows_mean_m2,
+                       rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
                      OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_status, data_kind, data_of, gamma_of,
                      is_float32, param_t, params_float32)
@@ -334,3 +334,10 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
                               <float*>pc, N, C, S, n_threads, relu, stream)
     free(pc)
     check_status(status)
+
+
+def half_conversions():
+    """{dtype name: the conversions its kernels use}: "F16C" / "AVX2" (8 values per
+    instruction) or "portable" (no such CPU support, or CPUBN_PORTABLE_HALF=1)."""
+    return {"float16": cpubn_half_conversions(0).decode(),
+            "bfloat16": cpubn_half_conversions(1).decode()}

@@ -203,6 +203,7 @@ cdef extern from "bn_loops.h" nogil:
                                     const cpubn_bfloat16* x, cpubn_bfloat16* g,
                                     Py_ssize_t rows, Py_ssize_t C, const double* mean,
                                     double* sum_g, double* sum_g_xmu)
+    const char* cpubn_half_conversions(int bfloat16)
     void combine_row_blocks(const double* means, const double* m2s, Py_ssize_t blocks,
                             Py_ssize_t C, Py_ssize_t rows, Py_ssize_t R, Py_ssize_t c0,
                             Py_ssize_t c1, double* mean, double* m2, double* dev)

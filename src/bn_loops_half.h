@@ -69,6 +69,17 @@ static inline void cpubn_bf16_store8(cpubn_bfloat16 *p, __m256 v)
 }
 #endif
 
+/* The conversions this process uses ("F16C", "AVX2" or "portable"), for python -m cpubn info. */
+static const char *cpubn_half_conversions(int bfloat16)
+{
+#ifdef CPUBN_HALF_VECTORS
+    if (cpubn_half_vectors_ok(bfloat16))
+        return bfloat16 ? "AVX2" : "F16C";
+#endif
+    (void)bfloat16;
+    return "portable";
+}
+
 #define T cpubn_half
 #define SUFFIX _f16
 #define TO_FLOAT cpubn_half_to_float

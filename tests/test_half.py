@@ -306,6 +306,8 @@ PORTABLE_SCRIPT = """
 import sys
 import numpy as np
 import cpubn
+from cpubn._forward import half_conversions
+assert half_conversions() == {"float16": "portable", "bfloat16": "portable"}
 sys.path.insert(0, sys.argv[2])
 from test_half import conversion_workout
 np.savez(sys.argv[1], **conversion_workout())
@@ -355,6 +357,21 @@ def test_portable_conversions_give_the_same_bits(tmp_path):
         assert set(portable.files) == set(here)
         for key, value in here.items():
             np.testing.assert_array_equal(portable[key], value, err_msg=key)
+
+
+def test_info_names_the_conversions():
+    import os
+    import subprocess
+    import sys
+    from cpubn._forward import half_conversions
+    kinds = half_conversions()
+    assert kinds["float16"] in ("F16C", "portable") and kinds["bfloat16"] in ("AVX2", "portable")
+    run = [sys.executable, "-m", "cpubn", "info"]
+    out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert f"float16 {kinds['float16']}, bfloat16 {kinds['bfloat16']}" in out
+    env = dict(os.environ, CPUBN_PORTABLE_HALF="1")
+    out = subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout
+    assert "float16 portable, bfloat16 portable" in out
 
 
 # ------------------------------------------------------------------ PyTorch parity
