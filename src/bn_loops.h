@@ -148,7 +148,7 @@ CPUBN_INLINE cpubn_half cpubn_half_from_float(float f)
 
 CPUBN_INLINE float cpubn_bfloat16_to_float(cpubn_bfloat16 b)
 {
-    return cpubn_float_from_bits((uint32_t)b.bits << 16);     /* bfloat16 is a float's top half */
+    return cpubn_float_from_bits((uint32_t)b.bits << 16);   /* bfloat16: a float's top half */
 }
 
 CPUBN_INLINE cpubn_bfloat16 cpubn_bfloat16_from_float(float f)

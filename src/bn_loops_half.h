@@ -16,9 +16,9 @@
  *
  * Tiles are contiguous: a run is cut into pieces of CPUBN_HALF_TILE (CPUBN_HALF_RUN_TILE
  * for reductions); a block of channels-last rows into groups of whole rows when
- * C <= CPUBN_HALF_TILE, else into pieces of one row.  Outputs are written with ordinary stores (the _stream variants are
- * the plain loops): a half-precision output is half the bytes of the float32 one that the
- * streaming threshold was chosen for.
+ * C <= CPUBN_HALF_TILE, else into pieces of one row.  Outputs are written with ordinary
+ * stores (the _stream variants are the plain loops): a half-precision output is half the
+ * bytes of the float32 one that the streaming threshold was chosen for.
  */
 #ifndef CPUBN_BN_LOOPS_HALF_H
 #define CPUBN_BN_LOOPS_HALF_H
@@ -46,6 +46,12 @@ static int cpubn_half_vectors_ok(int bfloat16)
                          : __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"));
     }
     return known[bfloat16];
+}
+
+static inline cpubn_half cpubn_half_from_bits(unsigned short bits)
+{
+    cpubn_half h = {bits};
+    return h;
 }
 
 /* bfloat16 is a float's top half: widen and shift to load; to store, round to nearest
@@ -88,6 +94,8 @@ static const char *cpubn_half_conversions(int bfloat16)
 #define LOAD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define STORE8(p, v) \
     _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+#define SCALAR_TO_FLOAT(h) _cvtsh_ss((h).bits)
+#define SCALAR_FROM_FLOAT(f) cpubn_half_from_bits(_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT))
 #define VECTOR_OK cpubn_half_vectors_ok(0)
 #include "bn_loops_half_impl.h"
 
@@ -98,6 +106,8 @@ static const char *cpubn_half_conversions(int bfloat16)
 #define VECTOR_TARGET "avx2"
 #define LOAD8 CPUBN_BF16_LOAD8
 #define STORE8 cpubn_bf16_store8
+#define SCALAR_TO_FLOAT cpubn_bfloat16_to_float          /* a shift: cheap already */
+#define SCALAR_FROM_FLOAT cpubn_bfloat16_from_float
 #define VECTOR_OK cpubn_half_vectors_ok(1)
 #include "bn_loops_half_impl.h"
 

@@ -1,8 +1,9 @@
 /* Templated body of bn_loops_half.h: the loops of bn_loops.h for one half-precision
  * storage type T (SUFFIX _f16 or _bf16), staged through float tiles.  Parameters:
  * TO_FLOAT / FROM_FLOAT (the portable scalar conversions), VECTOR_TARGET (the ISA of the
- * 8-wide conversions), LOAD8 / STORE8 (8 values of T <-> an __m256), VECTOR_OK (whether
- * this CPU has that ISA).  No include guard on purpose; the parameters are undefined at
+ * 8-wide conversions), LOAD8 / STORE8 (8 values of T <-> an __m256), SCALAR_TO_FLOAT /
+ * SCALAR_FROM_FLOAT (one value, with that ISA: the vector loops' tails), VECTOR_OK
+ * (whether this CPU has that ISA).  No include guard on purpose; the parameters are undefined at
  * the end. */
 
 #define FN(name) CPUBN_CAT(name, SUFFIX)
@@ -25,7 +26,7 @@ static void FN(tile_to_float_vector)(const T *src, float *dst, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LOAD8(src + i));
-    for (; i < n; i++) dst[i] = TO_FLOAT(src[i]);
+    for (; i < n; i++) dst[i] = SCALAR_TO_FLOAT(src[i]);
 }
 
 __attribute__((target(VECTOR_TARGET)))
@@ -33,7 +34,7 @@ static void FN(tile_from_float_vector)(const float *src, T *dst, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) STORE8(dst + i, _mm256_loadu_ps(src + i));
-    for (; i < n; i++) dst[i] = FROM_FLOAT(src[i]);
+    for (; i < n; i++) dst[i] = SCALAR_FROM_FLOAT(src[i]);
 }
 #endif
 
@@ -95,7 +96,8 @@ static void FN(run_normalize_vector)(const T *x, T *y, ptrdiff_t n, float mean_h
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
         STORE8(y + i, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(LOAD8(x + i), m), s), b));
-    for (; i < n; i++) y[i] = FROM_FLOAT((TO_FLOAT(x[i]) - mean_hi) * scale + shift);
+    for (; i < n; i++)
+        y[i] = SCALAR_FROM_FLOAT((SCALAR_TO_FLOAT(x[i]) - mean_hi) * scale + shift);
 }
 
 __attribute__((target(VECTOR_TARGET)))
@@ -110,7 +112,9 @@ static void FN(run_input_grad_vector)(const T *dy, const T *x, T *dx, ptrdiff_t 
         __m256 centred = _mm256_mul_ps(_mm256_sub_ps(LOAD8(x + i), vm), va);
         STORE8(dx + i, _mm256_add_ps(_mm256_add_ps(grad, centred), vb));
     }
-    for (; i < n; i++) dx[i] = FROM_FLOAT(TO_FLOAT(dy[i]) * k + (TO_FLOAT(x[i]) - mean_hi) * a + b);
+    for (; i < n; i++)
+        dx[i] = SCALAR_FROM_FLOAT(SCALAR_TO_FLOAT(dy[i]) * k
+                                  + (SCALAR_TO_FLOAT(x[i]) - mean_hi) * a + b);
 }
 
 __attribute__((target(VECTOR_TARGET)))
@@ -128,7 +132,8 @@ static void FN(rows_normalize_vector)(const T *x, T *y, ptrdiff_t rows, ptrdiff_
                                          _mm256_loadu_ps(shift + c)));
         }
         for (; c < C; c++)
-            yr[c] = FROM_FLOAT((TO_FLOAT(xr[c]) - mean_hi[c]) * scale[c] + shift[c]);
+            yr[c] = SCALAR_FROM_FLOAT((SCALAR_TO_FLOAT(xr[c]) - mean_hi[c]) * scale[c]
+                                      + shift[c]);
     }
 }
 
@@ -149,8 +154,8 @@ static void FN(rows_input_grad_vector)(const T *dy, const T *x, T *dx, ptrdiff_t
             STORE8(dxr + c, _mm256_add_ps(_mm256_add_ps(grad, centred), _mm256_loadu_ps(b + c)));
         }
         for (; c < C; c++)
-            dxr[c] = FROM_FLOAT(TO_FLOAT(gr[c]) * k[c] + (TO_FLOAT(xr[c]) - mean_hi[c]) * a[c]
-                                + b[c]);
+            dxr[c] = SCALAR_FROM_FLOAT(SCALAR_TO_FLOAT(gr[c]) * k[c]
+                                       + (SCALAR_TO_FLOAT(xr[c]) - mean_hi[c]) * a[c] + b[c]);
     }
 }
 #endif
@@ -489,4 +494,6 @@ static void FN(rows_normalize_fused_stream)(const T *x, const T *r,
 #undef VECTOR_TARGET
 #undef LOAD8
 #undef STORE8
+#undef SCALAR_TO_FLOAT
+#undef SCALAR_FROM_FLOAT
 #undef VECTOR_OK
