@@ -207,6 +207,56 @@ def test_bitwise_identical_for_any_thread_count(rng, dtype, axis):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_hostile_half_values(rng, dtype, axis):
+    dt = as_dtype(dtype)
+    shape = (8, 4, 33) if axis == 1 else (8, 33, 4)
+    x = make_x(rng, shape, axis=axis).astype(dt)
+    index = [slice(None)] * 3
+    # channel 0 constant: exactly its bias; channel 1 holds NaN: NaN everywhere in it;
+    # channel 2 holds values near the largest a float32 variance can take (float16: its
+    # largest finite values): finite statistics, outputs as exact as usual.
+    index[axis] = 0
+    x[tuple(index)] = np.asarray(3.5, dt)
+    index[axis] = 1
+    x[tuple(index)] = np.asarray(1.0, dt)
+    first = [0] * 3
+    first[axis] = 1
+    x[tuple(first)] = np.asarray(np.nan, dt)
+    index[axis] = 2
+    big = np.asarray(60000.0 if dt == np.float16 else 1e18, np.float64)
+    x[tuple(index)] = (np.sign(rng.standard_normal(x[tuple(index)].shape)) * big).astype(dt)
+    bn = cpubn.BatchNorm(4, axis=axis)
+    bn.bias[...] = [0.25, 0, 0, 0]
+    y = bn(x).astype(np.float64)
+    index[axis] = 0
+    assert np.all(y[tuple(index)] == 0.25)
+    index[axis] = 1
+    assert np.all(np.isnan(y[tuple(index)])) and np.isnan(bn.running_mean[1])
+    assert np.all(np.isfinite(bn.running_var[[0, 2, 3]]))
+    for channel in (2, 3):
+        index[axis] = channel
+        values = x[tuple(index)].astype(np.float64)
+        expected = (values - values.mean()) / np.sqrt(values.var() + bn.eps)
+        assert_within_ulps(y[tuple(index)], expected, dtype, atol=1e-6)
+
+
+def test_output_overflow_gives_infinity(rng):
+    # float16 holds at most 65504: a normalized value scaled past it becomes +-inf, as
+    # the float32 result cast to float16 would.
+    x = rng.standard_normal((16, 2, 9)).astype(np.float16)
+    bn = cpubn.BatchNorm(2)
+    bn.weight[...] = 1e6
+    y = bn(x)
+    y32 = cpubn.BatchNorm(2)
+    y32.weight[...] = 1e6
+    with np.errstate(over="ignore"):
+        expected = y32(x.astype(np.float32)).astype(np.float16)
+    assert np.any(np.isinf(y))
+    np.testing.assert_array_equal(y.view(np.uint16), expected.view(np.uint16))
+
+
 # ------------------------------------------------------------------ fused epilogue
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:3])
