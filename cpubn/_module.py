@@ -10,7 +10,7 @@ import numpy as np
 from . import _dispatch
 from ._validation import (check_activation, check_batch_stats_possible, check_data, check_eps,
                           check_like, check_momentum, check_num_features, check_out,
-                          check_param_dtype, check_residual)
+                          check_param_dtype, check_residual, is_half)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
@@ -126,15 +126,15 @@ class BatchNorm:
         valid); assigning new arrays re-checks them, and arrays that needed converting are
         re-converted on every call, so updates to the user's arrays are never missed."""
         current = (self.weight, self.bias, self.running_mean, self.running_var)
-        wanted = _dispatch.param_dtype(x_dtype, *current)
+        half = is_half(x_dtype)         # the only data property the parameter dtype depends on
         cached = self._checked_params
         if (cached is not None and cached[0] is current[0] and cached[1] is current[1]
                 and cached[2] is current[2] and cached[3] is current[3]
-                and cached[4] == wanted):
+                and cached[4] is half):
             return current
         checked = _dispatch.param_arrays(self.num_features, x_dtype, *current)
         if all(a is b for a, b in zip(checked, current)):
-            self._checked_params = current + (wanted,)
+            self._checked_params = current + (half,)
         return checked
 
     def backward(self, dy, out=None):

@@ -298,6 +298,21 @@ def test_float64_layer_takes_half_input_with_float32_parameters(rng):
                                   bn32.backward(dy).view(np.uint16))
 
 
+def test_alternating_dtypes_get_fresh_parameter_checks(rng):
+    # The layer caches its parameter check; float64 parameters serve float64 data as they
+    # are but must be read as float32 for half data, whatever came before.
+    x = make_x(rng, (8, 4, 5), axis=1)
+    bn = cpubn.BatchNorm(4, dtype=np.float64).eval()
+    bn.weight[...] = [0.5, 1.5, 2.0, 0.25]
+    reference32 = cpubn.BatchNorm(4).eval()
+    reference32.weight[...] = bn.weight
+    for _ in range(2):
+        expected = ref.normalize(x, np.zeros(4), ref.invstd_of(np.ones(4), 1e-5), bn.weight)
+        np.testing.assert_allclose(bn(x), expected, rtol=1e-12)
+        np.testing.assert_array_equal(bn(x.astype(np.float16)).view(np.uint16),
+                                      reference32(x.astype(np.float16)).view(np.uint16))
+
+
 def test_functional_half_with_float64_arrays(rng):
     x = make_x(rng, (8, 4, 5), axis=1).astype(np.float16)
     rm, rv = np.zeros(4), np.ones(4)
