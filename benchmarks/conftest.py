@@ -38,18 +38,29 @@ except ImportError:  # keep `pytest` usable without the optional plugin
 
 
 @pytest.fixture(scope="session")
-def bench_buffers():
-    """shape, dtype -> cpubn._bench.BenchBuffers, built on first use and kept for the session."""
-    from cpubn._bench import BenchBuffers
-
+def one_shape_buffers():
+    """key, build -> build(), kept until another key is asked for: one shape's arrays at a
+    time keeps memory small (benchmarks are ordered by shape)."""
     cache = {}
 
-    def get(shape, dtype=np.float32):
-        key = (tuple(shape), np.dtype(dtype).name)
+    def get(key, build):
         if key not in cache:
-            cache.clear()  # one shape's arrays at a time keeps memory small
-            cache[key] = BenchBuffers(shape, dtype, np.random.default_rng(0))
+            cache.clear()
+            cache[key] = build()
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bench_buffers(one_shape_buffers):
+    """shape, dtype -> cpubn._bench.BenchBuffers (the arrays of python -m cpubn bench)."""
+    from cpubn._bench import BenchBuffers
+
+    def get(shape, dtype=np.float32):
+        return one_shape_buffers(
+            ("bench", tuple(shape), np.dtype(dtype).name),
+            lambda: BenchBuffers(shape, dtype, np.random.default_rng(0)))
 
     return get
 

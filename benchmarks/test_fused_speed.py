@@ -20,19 +20,6 @@ PEERS = ("bn", "fused", "fused+res", "unfused", "unfused+res")
 THREADS = tuple(dict.fromkeys((1, usable_cpus())))
 
 
-@pytest.fixture(scope="module")
-def fused_buffers():
-    cache = {}
-
-    def get(shape):
-        if shape not in cache:
-            cache.clear()                   # one shape's arrays at a time
-            cache[shape] = FusedBuffers(shape, np.float32, np.random.default_rng(0))
-        return cache[shape]
-
-    return get
-
-
 def _cases():
     for shape in SHAPES:
         for layout in layouts_for(shape, ("nchw", "nhwc")):
@@ -45,10 +32,11 @@ def _cases():
 
 
 @pytest.mark.parametrize("shape, layout, op, peer, threads", list(_cases()))
-def test_fused(benchmark, fused_buffers, shape, layout, op, peer, threads):
+def test_fused(benchmark, one_shape_buffers, shape, layout, op, peer, threads):
     import cpubn
 
-    buf = fused_buffers(shape)
+    buf = one_shape_buffers(("fused", shape),
+                            lambda: FusedBuffers(shape, np.float32, np.random.default_rng(0)))
     fn = _cpubn_peers(cpubn, buf, layout, op)[peer]
     benchmark.group = f"{shape_label(shape)} {layout} {op} (fused)"
     benchmark.extra_info.update(threads=threads)

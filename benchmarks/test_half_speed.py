@@ -21,19 +21,6 @@ DTYPES = tuple(d.name for d in half_dtypes())
 THREADS = tuple(dict.fromkeys((1, usable_cpus())))
 
 
-@pytest.fixture(scope="module")
-def half_buffers():
-    cache = {}
-
-    def get(shape):
-        if shape not in cache:
-            cache.clear()                   # one shape's arrays at a time
-            cache[shape] = HalfBuffers(shape, half_dtypes(), np.random.default_rng(0))
-        return cache[shape]
-
-    return get
-
-
 def _cases():
     for shape in SHAPES:
         for layout in layouts_for(shape, ("nchw", "nhwc")):
@@ -46,10 +33,11 @@ def _cases():
 
 
 @pytest.mark.parametrize("shape, layout, op, dtype, threads", list(_cases()))
-def test_half_precision(benchmark, half_buffers, shape, layout, op, dtype, threads):
+def test_half_precision(benchmark, one_shape_buffers, shape, layout, op, dtype, threads):
     import cpubn
 
-    buf = half_buffers(shape)
+    buf = one_shape_buffers(("half", shape),
+                            lambda: HalfBuffers(shape, half_dtypes(), np.random.default_rng(0)))
     fn = _cpubn_peer(cpubn, buf, dtype, layout, op)
     benchmark.group = f"{shape_label(shape)} {layout} {op} (half precision)"
     benchmark.extra_info.update(threads=threads, dtype=dtype)

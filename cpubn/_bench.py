@@ -291,11 +291,13 @@ def add_sweep_options(parser):
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
-def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run_case):
+def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run_case,
+              format_report):
     """A variant bench (--fused, --half) over its options: every (shape, threads, layout,
     op) case, buffers made once per shape (make_buffers(shape, rng)), torch's thread count
     matched and restored; run_case(cpubn, torch, buf, layout, op, n_threads, repeats,
-    budget_s) returns each record.  Returns the report, or None after a usage error."""
+    budget_s) returns each record.  Prints format_report(report) and writes the --json
+    file; returns the report, or None after a usage error."""
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return None
@@ -330,6 +332,10 @@ def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run
     finally:
         if torch is not None:
             torch.set_num_threads(torch_threads)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return report
 
 

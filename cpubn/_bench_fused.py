@@ -24,7 +24,6 @@ of not fusing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -201,13 +200,10 @@ def main(argv=None):
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     dtype = np.dtype(args.dtype)
     report = run_sweep(args, SHAPES_DEFAULT, SHAPES_QUICK, OPS, {"dtype": dtype.name},
-                       lambda shape, rng: FusedBuffers(shape, dtype, rng), run_case)
+                       lambda shape, rng: FusedBuffers(shape, dtype, rng), run_case,
+                       format_report)
     if report is None:
         return 2
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
     failed = any(name in r["errors"] for r in report["results"]
                  for name in ("bn", "fused", "fused+res", "unfused", "unfused+res"))
     return 1 if failed else 0

@@ -6,6 +6,10 @@ oracles: NumPy's own float32 -> float16 / ml_dtypes' float32 -> bfloat16 roundin
 conversions, the float64 reference (tests/reference.py) for the numerics, and PyTorch's
 "mixed type" batch_norm where it is installed.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -410,9 +414,6 @@ def conversion_workout():
 def test_portable_conversions_give_the_same_bits(tmp_path):
     # CPUBN_PORTABLE_HALF=1 turns off the F16C / AVX2 conversions (read once per process,
     # hence the subprocess): the portable code must agree bit for bit.
-    import os
-    import subprocess
-    import sys
     path = tmp_path / "portable.npz"
     env = dict(os.environ, CPUBN_PORTABLE_HALF="1")
     subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(path),
@@ -425,9 +426,6 @@ def test_portable_conversions_give_the_same_bits(tmp_path):
 
 
 def test_info_names_the_conversions():
-    import os
-    import subprocess
-    import sys
     from cpubn._forward import half_conversions
     kinds = half_conversions()
     assert kinds["float16"] in ("F16C", "portable") and kinds["bfloat16"] in ("AVX2", "portable")
