@@ -60,7 +60,8 @@ static void FN(tile_from_float)(const float *src, T *dst, ptrdiff_t n)
     FN(tile_from_float_portable)(src, dst, n);
 }
 
-/* A float tile rounded to T and back: the value an unfused sequence would store. */
+/* A float tile (n <= CPUBN_HALF_TILE) rounded to T and back: the value an unfused
+ * sequence would store. */
 static void FN(round_tile)(float *values, ptrdiff_t n)
 {
     T rounded[CPUBN_HALF_TILE];
@@ -68,8 +69,9 @@ static void FN(round_tile)(float *values, ptrdiff_t n)
     FN(tile_to_float)(rounded, values, n);
 }
 
-/* The fused epilogue on a normalized float tile v: + r (rounded as the unfused sequence
- * rounds: bn(x) to T, then the sum to T), then the ReLU; see run_normalize_fused_f32. */
+/* The fused epilogue on a normalized float tile v (n <= CPUBN_HALF_TILE): + r (rounded as
+ * the unfused sequence rounds: bn(x) to T, then the sum to T), then the ReLU; see
+ * run_normalize_fused_f32. */
 CPUBN_CLONES static void FN(fused_epilogue_tile)(float *v, const T *r, ptrdiff_t n, int relu)
 {
     if (r != NULL) {
@@ -260,9 +262,14 @@ CPUBN_CLONES static void FN(masked_grad_tile)(const T *dy, const T *y, T *g_out,
 {
     FN(tile_to_float)(dy, g, n);
     if (y != NULL) {
+        /* n may be a reduction tile (CPUBN_HALF_RUN_TILE): y is converted in pieces. */
         float mask_source[CPUBN_HALF_TILE];
-        FN(tile_to_float)(y, mask_source, n);
-        for (ptrdiff_t i = 0; i < n; i++) g[i] = mask_source[i] <= 0 ? 0.0f : g[i];
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += CPUBN_HALF_TILE) {
+            ptrdiff_t len = n - i0 < CPUBN_HALF_TILE ? n - i0 : CPUBN_HALF_TILE;
+            FN(tile_to_float)(y + i0, mask_source, len);
+            for (ptrdiff_t i = 0; i < len; i++)
+                g[i0 + i] = mask_source[i] <= 0 ? 0.0f : g[i0 + i];
+        }
     }
     FN(tile_from_float)(g, g_out, n);
 }

@@ -263,7 +263,12 @@ def test_output_overflow_gives_infinity(rng):
 
 # ------------------------------------------------------------------ fused epilogue
 
-@pytest.mark.parametrize("shape,axis", LAYOUTS[:3])
+# The first three layouts, plus runs longer than a conversion tile (the reductions' tiles
+# are longer) and rows wider than one.
+FUSED_LAYOUTS = LAYOUTS[:3] + [((2, 3, 5000), 1), ((4, 2500), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", FUSED_LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_fused_relu_residual_equals_unfused_half_sequence(rng, dtype, shape, axis, training):
@@ -392,7 +397,8 @@ def conversion_workout():
     dtypes = ["float16"] + (["bfloat16"] if ml_dtypes is not None else [])
     for name in dtypes:
         dt = as_dtype(name)
-        for shape, axis in [((5, 6, 301), 1), ((4, 9, 9, 21), -1), ((3, 2500), -1)]:
+        for shape, axis in [((5, 6, 301), 1), ((2, 3, 5000), 1), ((4, 9, 9, 21), -1),
+                            ((3, 2500), -1)]:
             x = (rng.standard_normal(shape) * 3 + 1).astype(dt)
             r = rng.standard_normal(shape).astype(dt)
             dy = rng.standard_normal(shape).astype(dt)
