@@ -98,24 +98,42 @@ class BatchNorm:
                             must_not_overlap=(() if residual is None
                                               else ((residual, "the residual"),)))
         weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
+        tracking = self.training and self.track_running_stats
         if self.training or not self.track_running_stats:
-            check_batch_stats_possible(x, axis)
-            y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out,
-                                         params_checked=True, residual=residual, relu=relu)
+            y, saved = self._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
         else:
             y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
                                          running_var, params_checked=True, residual=residual,
                                          relu=relu)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
-            factor = (1.0 / self.num_batches_tracked if self.momentum is None
-                      else self.momentum)
-            _dispatch.update_running_stats(self.running_mean, self.running_var, saved,
-                                           x.size // x.shape[axis], factor)
+        if tracking:
+            self._track_batch(saved, x.size // x.shape[axis])
         if out is not None and np.may_share_memory(out, x):
             saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
+
+    # Hooks for the layers built on BatchNorm (SyncBatchNorm, BatchRenorm, GhostBatchNorm):
+    # they change how batch statistics are computed, tracked and differentiated, and
+    # inherit validation, eval mode, state and everything else.
+    def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
+        """Normalize validated x with batch statistics; returns (y, Saved).  The
+        per-channel arrays are the kernel-ready ones from _kernel_params."""
+        check_batch_stats_possible(x, axis)
+        return _dispatch.forward(x, axis, weight, bias, self.eps, out, params_checked=True,
+                                 residual=residual, relu=relu)
+
+    def _track_batch(self, saved, count):
+        """After a training forward: count the batch and fold its statistics (saved.mean,
+        saved.batch_var over `count` values per channel) into the running statistics."""
+        self.num_batches_tracked += 1
+        factor = (1.0 / self.num_batches_tracked if self.momentum is None
+                  else self.momentum)
+        _dispatch.update_running_stats(self.running_mean, self.running_var, saved, count,
+                                       factor)
+
+    def _backward_kernel(self, dy, saved, weight, out):
+        """(dx, grads, dresidual) for validated dy: see _dispatch.backward."""
+        return _dispatch.backward(dy, saved, weight, out)
 
     def _kernel_params(self, x_dtype):
         """(weight, bias, running_mean, running_var) in the form the kernels need for data
@@ -158,7 +176,7 @@ class BatchNorm:
                         must_not_overlap=((saved.x_dense, "the saved input"),)
                         + (() if saved.y_dense is None
                            else ((saved.y_dense, "the last output (the ReLU mask)"),)))
-        dx, grads, dresidual = _dispatch.backward(dy, saved, self.weight, out)
+        dx, grads, dresidual = self._backward_kernel(dy, saved, self.weight, out)
         if self.affine:
             channels = self.num_features
             self.grad_weight += grads[:channels]
