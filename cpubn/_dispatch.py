@@ -5,8 +5,9 @@ _module); the per-call work in Python is choosing views and allocating outputs.
 import numpy as np
 
 from . import _backward, _forward
+from ._overflow import all_finite, redo_backward_sums, redo_forward_statistics
 from ._layout import plan
-from ._thread_control import PARALLEL_MIN_ELEMENTS, get_num_threads
+from ._thread_control import threads_for
 from ._validation import is_half
 
 
@@ -17,10 +18,6 @@ STREAM_MIN_BYTES = 16 << 20
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
-
-
-def _threads_for(n_elements):
-    return 1 if n_elements < PARALLEL_MIN_ELEMENTS else get_num_threads()
 
 
 def param_dtype(x_dtype, *arrays):
@@ -125,13 +122,16 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
         residual = layout.dense(residual)     # into x's memory order (a copy only if needed)
     y_dense = _output(x.dtype, layout, out)
     n, channels, s = layout.kernel_dims
-    n_threads = _threads_for(x.size)
+    n_threads = threads_for(x.size)
     if running_mean is None:
         stats = np.empty(3 * channels)
         if not params_checked:
             weight, bias = param_arrays(channels, x.dtype, weight, bias)
         _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
                                n_threads, x.nbytes >= STREAM_MIN_BYTES, residual, relu)
+        if not all_finite(stats[2 * channels:]):    # overflowed float32 sums, or NaN/Inf data
+            redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
+                                    residual, relu)
     else:
         stats = np.empty(2 * channels)
         if not params_checked:
@@ -158,8 +158,11 @@ def backward(dy, saved, weight, out):
     (weight,) = param_arrays(channels, dy.dtype, weight)
     dresidual = layout.new_dense(dy.dtype) if saved.residual else None
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
-                       saved.batch_stats, grads, n, channels, s, _threads_for(dy.size),
+                       saved.batch_stats, grads, n, channels, s, threads_for(dy.size),
                        dy.nbytes >= STREAM_MIN_BYTES, saved.y_dense, dresidual)
+    if not all_finite(grads):                   # overflowed float32 sums, or NaN/Inf data
+        redo_backward_sums(dy_dense, saved.x_dense, dx_dense, saved.y_dense, layout,
+                           saved.stats, weight, saved.batch_stats, grads)
     if dresidual is not None:
         dresidual = layout.to_user(dresidual)
     return _finish(dx_dense, layout, out), grads, dresidual

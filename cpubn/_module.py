@@ -4,13 +4,15 @@ It validates, calls cpubn._dispatch, and only then touches its state, so a call 
 raises leaves the object exactly as it was.
 """
 import json
+import os
 
 import numpy as np
 
 from . import _dispatch
-from ._validation import (check_activation, check_batch_stats_possible, check_data, check_eps,
-                          check_like, check_momentum, check_num_features, check_out,
-                          check_param_dtype, check_residual, is_half)
+from ._validation import (check_activation, check_axis, check_batch_stats_possible, check_bool,
+                          check_data, check_eps, check_like, check_momentum,
+                          check_num_features, check_out, check_param_dtype, check_residual,
+                          check_state_array, is_half)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
@@ -53,9 +55,7 @@ class BatchNorm:
         self.momentum = check_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"axis must be an int, got {axis!r}")
-        self.axis = int(axis)
+        self.axis = check_axis(axis)
         self.dtype = check_param_dtype(dtype)
         self.activation = check_activation(activation)
         self.training = True
@@ -95,10 +95,13 @@ class BatchNorm:
             residual = check_residual(residual, x)
         if out is not None:
             out = check_out(out, x, may_alias=((x, "the input"),),
-                            must_not_overlap=(() if residual is None
-                                              else ((residual, "the residual"),)))
+                            must_not_overlap=self._per_channel_arrays()
+                            + (() if residual is None else ((residual, "the residual"),)))
         weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
         tracking = self.training and self.track_running_stats
+        if tracking:                        # checked before the kernel and any state change
+            check_state_array(self.running_mean, self.num_features, "running_mean")
+            check_state_array(self.running_var, self.num_features, "running_var")
         if self.training or not self.track_running_stats:
             y, saved = self._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
         else:
@@ -125,11 +128,11 @@ class BatchNorm:
     def _track_batch(self, saved, count):
         """After a training forward: count the batch and fold its statistics (saved.mean,
         saved.batch_var over `count` values per channel) into the running statistics."""
-        self.num_batches_tracked += 1
-        factor = (1.0 / self.num_batches_tracked if self.momentum is None
-                  else self.momentum)
+        tracked = self.num_batches_tracked + 1
+        factor = 1.0 / tracked if self.momentum is None else self.momentum
         _dispatch.update_running_stats(self.running_mean, self.running_var, saved, count,
                                        factor)
+        self.num_batches_tracked = tracked
 
     def _backward_kernel(self, dy, saved, weight, out):
         """(dx, grads, dresidual) for validated dy: see _dispatch.backward."""
@@ -146,14 +149,31 @@ class BatchNorm:
         current = (self.weight, self.bias, self.running_mean, self.running_var)
         half = is_half(x_dtype)         # the only data property the parameter dtype depends on
         cached = self._checked_params
-        if (cached is not None and cached[0] is current[0] and cached[1] is current[1]
-                and cached[2] is current[2] and cached[3] is current[3]
-                and cached[4] is half):
-            return current
+        if cached is not None and cached[0] is half:
+            # Same objects, and still the length, dtype and memory layout the kernels read:
+            # arrays can be resized or given another dtype in place (about 0.3 us).
+            shape, dtype = cached[1], cached[2]
+            for array, known in zip(current, cached[3]):
+                if array is not known or (array is not None and not (
+                        array.shape == shape and array.dtype is dtype
+                        and array.flags.c_contiguous)):
+                    break
+            else:
+                return current
         checked = _dispatch.param_arrays(self.num_features, x_dtype, *current)
         if all(a is b for a, b in zip(checked, current)):
-            self._checked_params = current + (half,)
+            dtype = next((a.dtype for a in checked if a is not None), None)
+            self._checked_params = (half, (self.num_features,), dtype, current)
+        else:
+            self._checked_params = None
         return checked
+
+    def _per_channel_arrays(self):
+        """(array, name) for the per-channel attributes an `out` must not overlap."""
+        return tuple((getattr(self, name), name)
+                     for name in ("weight", "bias", "running_mean", "running_var",
+                                  "grad_weight", "grad_bias")
+                     if isinstance(getattr(self, name), np.ndarray))
 
     def backward(self, dy, out=None):
         """Gradient of the last forward: returns dx, or ``(dx, dresidual)`` when that
@@ -175,7 +195,11 @@ class BatchNorm:
         out = check_out(out, dy, may_alias=((dy, "dy"),),
                         must_not_overlap=((saved.x_dense, "the saved input"),)
                         + (() if saved.y_dense is None
-                           else ((saved.y_dense, "the last output (the ReLU mask)"),)))
+                           else ((saved.y_dense, "the last output (the ReLU mask)"),))
+                        + self._per_channel_arrays())
+        if self.affine:                     # checked before the kernel and any state change
+            check_state_array(self.grad_weight, self.num_features, "grad_weight")
+            check_state_array(self.grad_bias, self.num_features, "grad_bias")
         dx, grads, dresidual = self._backward_kernel(dy, saved, self.weight, out)
         if self.affine:
             channels = self.num_features
@@ -199,7 +223,7 @@ class BatchNorm:
     # ------------------------------------------------------------------ modes and resets
     def train(self, mode=True):
         """Training mode (batch statistics, running-stat updates); returns self."""
-        self.training = bool(mode)
+        self.training = check_bool(mode, "mode")
         return self
 
     def eval(self):
@@ -207,6 +231,7 @@ class BatchNorm:
         return self.train(False)
 
     def reset_running_stats(self):
+        """Running mean to 0, running variance to 1, num_batches_tracked to 0."""
         if self.track_running_stats:
             self.running_mean[...] = 0
             self.running_var[...] = 1
@@ -253,6 +278,11 @@ class BatchNorm:
             if value.shape != (self.num_features,):
                 raise ValueError(f"state dict entry {key!r} has shape {value.shape}, "
                                  f"expected ({self.num_features},)")
+            with np.errstate(over="ignore"):
+                overflows = np.isinf(value.astype(self.dtype)) & ~np.isinf(value)
+            if overflows.any():
+                raise ValueError(f"state dict entry {key!r} holds values beyond the range of "
+                                 f"the layer's dtype {self.dtype} (max {abs(value).max():g})")
             arrays[key] = value
         if "num_batches_tracked" in expected:
             count = np.asarray(state_dict["num_batches_tracked"])
@@ -280,23 +310,53 @@ class BatchNorm:
                 "track_running_stats": self.track_running_stats, "axis": self.axis,
                 "dtype": self.dtype.name, "activation": self.activation}
 
+    # save() writes the class name; load() of a class accepts these (a LazyBatchNorm file
+    # holds a materialized layer).  A subclass with its own hyperparameters loads its own.
+    _loadable_layers = ("BatchNorm", "LazyBatchNorm")
+
     def save(self, path):
         """Write hyperparameters, mode and state to an .npz file (numpy adds the suffix
-        if path lacks it).  ``BatchNorm.load(path)`` reads it back."""
-        config = dict(self._config(), training=self.training, format=_FORMAT_VERSION)
+        if path lacks it).  ``BatchNorm.load(path)`` reads it back, with or without the
+        suffix."""
+        config = dict(self._config(), training=self.training, format=_FORMAT_VERSION,
+                      layer=type(self).__name__)
         np.savez(path, config=np.array(json.dumps(config)), **self.state_dict())
 
     @classmethod
     def load(cls, path):
-        """A new BatchNorm from a file written by ``save``."""
-        with np.load(path, allow_pickle=False) as data:
-            config = json.loads(str(data["config"]))
-            state = {key: data[key] for key in data.files if key != "config"}
-        if config.pop("format", None) != _FORMAT_VERSION:
-            raise ValueError(f"{path}: not a cpubn BatchNorm file of format {_FORMAT_VERSION}")
-        training = config.pop("training")
-        layer = cls(**config)
-        layer.load_state_dict(state)
+        """A new layer from a file written by ``save`` (``path`` with or without the
+        ``.npz`` suffix ``save`` added).
+
+        Raises FileNotFoundError if there is no such file, and ValueError naming the file
+        and the problem for anything else that is not a complete, valid file of this
+        layer (truncated, foreign, corrupt, bad hyperparameters or state); no partly
+        loaded layer is ever returned."""
+        path = os.fspath(path)
+        if not os.path.exists(path) and os.path.exists(path + ".npz"):
+            path += ".npz"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                config = json.loads(str(data["config"][()]))
+                state = {key: np.array(data[key]) for key in data.files if key != "config"}
+        except FileNotFoundError:
+            raise
+        except Exception as exc:   # BadZipFile, KeyError, JSONDecodeError, EOFError, ...
+            raise ValueError(f"{path}: not a readable cpubn layer file "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(config, dict) or config.pop("format", None) != _FORMAT_VERSION:
+            raise ValueError(f"{path}: not a cpubn layer file of format {_FORMAT_VERSION}")
+        layer_name = config.pop("layer", "BatchNorm")
+        accepted = cls.__dict__.get("_loadable_layers", (cls.__name__,))
+        if layer_name not in accepted:
+            raise ValueError(f"{path}: holds a {layer_name!r}, not a {cls.__name__}; load it "
+                             f"with cpubn.{layer_name}.load")
+        training = config.pop("training", None)
+        try:
+            training = check_bool(training, "training")
+            layer = cls(**config)
+            layer.load_state_dict(state)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: invalid {cls.__name__} file: {exc}") from None
         return layer.train(training)
 
     def __repr__(self):

@@ -1,13 +1,22 @@
 """The one place that decides how many threads a kernel call uses.
 
-`None` means automatic: the OpenMP runtime's default, which honours OMP_NUM_THREADS and
-threadpoolctl's limits.  A positive count is used as is; a negative one counts back from
-the number of CPUs (-1 = all of them, -2 = all but one); 0 is an error.  Calls on small
-arrays run on one thread whatever the setting: forking a team costs more than it saves.
+`None` means automatic: the OpenMP runtime's default (which honours OMP_NUM_THREADS and
+threadpoolctl's limits), capped, unless OMP_NUM_THREADS is set, at the CPUs this process
+may actually use (its affinity mask and its cgroup CPU quota: a container limited to 2
+CPUs on a 64-core host gets 2), and always at MAX_THREADS.
+A positive count is used as is, up to MAX_THREADS; a negative one counts back from the
+usable CPUs (-1 = all of them, -2 = all but one); 0 is an error.  Calls on small arrays
+run on one thread whatever the setting: forking a team costs more than it saves.
+
+set_num_threads is process-wide; the `threads()` context manager overrides it for the
+calling Python thread only, so threads that nest it in any interleaving each get and
+restore their own setting.
 """
 import contextlib
+import math
 import operator
 import os
+import threading
 
 from . import _threads
 
@@ -16,7 +25,54 @@ from . import _threads
 # scheduled stalls the whole call for a scheduler slice (milliseconds).
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
-_requested = None   # what set_num_threads asked for; None = automatic
+# The largest explicit thread count accepted.  Asking the OpenMP runtime for more threads
+# than the system can create ends the process (libgomp prints "Thread creation failed"
+# and exits), which no Python code can catch; far fewer than this are ever useful.
+MAX_THREADS = 256
+
+_requested = None              # what set_num_threads asked for; None = automatic
+_local = threading.local()     # per-Python-thread override set by threads()
+_usable = None                 # cached usable_cpus()
+# An explicit OMP_NUM_THREADS is the user's choice (oversubscription included) and is
+# honoured up to MAX_THREADS; otherwise the runtime's default is capped at usable_cpus().
+_OMP_NUM_THREADS_SET = bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+_AUTOMATIC = object()          # a threads(None) block: automatic, not the global setting
+
+
+def _cgroup_cpu_quota():
+    """The cgroup CPU limit in CPUs (a float), or None when there is none."""
+    try:                                               # cgroup v2
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:                                               # cgroup v1
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus():
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
+    (rounded up).  Read once, at the first call."""
+    global _usable
+    if _usable is None:
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            count = os.cpu_count() or 1
+        quota = _cgroup_cpu_quota()
+        if quota is not None:
+            count = min(count, max(1, math.ceil(quota)))
+        _usable = max(1, count)
+    return _usable
 
 
 def _resolve(n_threads):
@@ -32,38 +88,48 @@ def _resolve(n_threads):
     if n_threads == 0:
         raise ValueError("the number of threads must be non-zero, got 0 (None = automatic, "
                          "negative = count back from the number of CPUs)")
+    if n_threads > MAX_THREADS:
+        raise ValueError(f"the number of threads must be at most {MAX_THREADS}, got "
+                         f"{n_threads} (this process may use {usable_cpus()} CPUs)")
     if n_threads < 0:
-        return max(1, (os.cpu_count() or 1) + 1 + n_threads)
+        return max(1, usable_cpus() + 1 + n_threads)
     return n_threads
 
 
 def set_num_threads(n_threads):
-    """Set the threads cpubn's kernels use: an int > 0, a negative int counting back from
-    the CPU count (-1 = all CPUs), or None for automatic (OMP_NUM_THREADS / threadpoolctl).
+    """Set the threads cpubn's kernels use, process-wide: an int from 1 to MAX_THREADS
+    (256), a negative int counting back from the usable CPUs (-1 = all of them), or None
+    for automatic (OMP_NUM_THREADS / threadpoolctl, capped at the usable CPUs).
     """
     global _requested
     _requested = _resolve(n_threads)
 
 
 def get_num_threads():
-    """The number of threads a large kernel call will use now."""
-    if _requested is not None:
-        return _requested
-    return max(1, _threads.omp_max_threads())
+    """The number of threads a large kernel call from this Python thread will use now."""
+    override = getattr(_local, "n_threads", None)
+    requested = _requested if override is None else override
+    if requested is None or requested is _AUTOMATIC:
+        default = _threads.omp_max_threads()
+        if not _OMP_NUM_THREADS_SET:      # the runtime's own guess: cap at usable CPUs
+            default = min(default, usable_cpus())
+        return max(1, min(default, MAX_THREADS))
+    return requested
 
 
 @contextlib.contextmanager
 def threads(n_threads):
-    """Context manager: `with cpubn.threads(4): ...` runs the block's calls on 4 threads and
-    restores the previous setting on exit.  (Process-wide, like torch.set_num_threads.)"""
-    global _requested
+    """Context manager: `with cpubn.threads(4): ...` runs the calls that this Python thread
+    makes in the block on 4 threads (None: automatic), then restores this thread's
+    previous setting.  Other Python threads are not affected."""
     resolved = _resolve(n_threads)
-    previous = _requested
-    _requested = resolved
+    previous = getattr(_local, "n_threads", None)
+    # threads(None) means automatic for the block, whatever set_num_threads said.
+    _local.n_threads = _AUTOMATIC if resolved is None else resolved
     try:
         yield
     finally:
-        _requested = previous
+        _local.n_threads = previous
 
 
 def threads_for(n_elements):

@@ -39,6 +39,9 @@ def as_float_array(x, name="input"):
     bfloat16 from ml_dtypes) in native byte order (no copy when it already is)."""
     if type(x) is np.ndarray and (x.dtype is _FLOAT32 or x.dtype is _FLOAT64):
         return x                          # the common case, decided by identity checks
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array: cpubn would ignore its mask; pass "
+                        f"x.filled(value) or x.compressed() data as a plain ndarray")
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -58,13 +61,27 @@ def normalize_axis(axis, ndim, name="input"):
     if ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (batch and features), "
                          f"got ndim={ndim}")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    axis = check_axis(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for {name} with ndim={ndim}")
     return axis % ndim
+
+
+def check_axis(axis):
+    """The feature axis as an int (bools are refused: True is not an axis)."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    try:
+        return operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+
+
+def check_bool(value, name):
+    """A flag that must be a real bool (training="no" must not mean True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_data(x, axis, num_features=None, name="input"):
@@ -110,6 +127,11 @@ def check_out(out, x, name="out", may_alias=(), must_not_overlap=()):
         raise TypeError(f"{name} has dtype {out.dtype}, expected {x.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    if isinstance(out, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; pass a plain ndarray")
+    if _self_overlapping(out):
+        raise ValueError(f"{name} has overlapping elements (strides {out.strides}, e.g. a "
+                         f"broadcast view): each output element needs its own memory")
     for other, other_name in must_not_overlap:
         if _overlaps(out, other):
             raise ValueError(f"{name} overlaps {other_name}; pass a separate array")
@@ -118,6 +140,20 @@ def check_out(out, x, name="out", may_alias=(), must_not_overlap=()):
             raise ValueError(f"{name} partially overlaps {other_name}; it may only be "
                              f"{other_name} itself or a separate array")
     return out
+
+
+def _self_overlapping(a):
+    """True unless a's elements provably occupy distinct memory: sorted by stride, each
+    axis must step over everything the faster axes span (dense, sliced and transposed
+    arrays pass; broadcast stride-0 views and as_strided tricks do not)."""
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        return False
+    span = a.itemsize
+    for stride, extent in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < span:
+            return True
+        span = stride * (extent - 1) + span
+    return False
 
 
 def _overlaps(a, b):
@@ -133,6 +169,8 @@ def check_channel_array(values, num_features, name):
     """A per-channel array (weight, bias, running statistics): 1-D, length C, float."""
     if values is None:
         return None
+    if isinstance(values, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; pass a plain ndarray")
     array = np.asarray(values)
     if array.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
@@ -141,12 +179,33 @@ def check_channel_array(values, num_features, name):
     return array
 
 
+# The smallest eps accepted.  Below about 1e-77, 1 / sqrt(eps) overflows float32, and a
+# constant channel computed in float32 would give 0 * inf = NaN instead of exactly bias.
+EPS_MIN = 1e-70
+
+
+def check_state_array(array, num_features, name):
+    """A layer attribute that is written in place (running statistics, gradients): a
+    writeable float ndarray of shape (num_features,)."""
+    if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got "
+                        f"{type(array).__name__}")
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
+    if array.shape != (num_features,):
+        raise ValueError(f"{name} has shape {array.shape}, expected ({num_features},)")
+    if not array.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+    return array
+
+
 def check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps must be a positive float, got {eps!r}")
     eps = float(eps)
-    if not eps > 0 or eps == float("inf"):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if not EPS_MIN <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= {EPS_MIN} (smaller values overflow "
+                         f"1 / sqrt(eps) in float32), got {eps!r}")
     return eps
 
 

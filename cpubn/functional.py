@@ -4,18 +4,21 @@ import numpy as np
 
 from . import _dispatch
 from ._layout import plan
-from ._validation import (check_activation, check_batch_stats_possible, check_channel_array,
-                          check_data, check_eps, check_like, check_momentum, check_out,
-                          check_residual)
+from ._validation import (check_activation, check_batch_stats_possible, check_bool,
+                          check_channel_array, check_data, check_eps, check_like,
+                          check_momentum, check_out, check_residual, check_state_array)
 
 
 def _check_running_buffer(buffer, channels, name, training):
-    buffer = check_channel_array(buffer, channels, name)
     if training and buffer is not None:
-        if not isinstance(buffer, np.ndarray) or not buffer.flags.writeable:
-            raise ValueError(f"{name} must be a writeable numpy array: it is updated in "
-                             f"place in training mode")
-    return buffer
+        # Updated in place: a list or a read-only array would silently not be.
+        return check_state_array(buffer, channels, name)
+    return check_channel_array(buffer, channels, name)
+
+
+def _named(**arrays):
+    """(array, name) pairs of the given per-channel arrays that are ndarrays."""
+    return tuple((a, name) for name, a in arrays.items() if isinstance(a, np.ndarray))
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -44,6 +47,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     mask.
     """
     x, axis = check_data(x, axis)
+    training = check_bool(training, "training")
     relu = check_activation(activation) is not None
     if residual is not None:
         residual = check_residual(residual, x)
@@ -55,7 +59,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     running_mean = _check_running_buffer(running_mean, channels, "running_mean", training)
     running_var = _check_running_buffer(running_var, channels, "running_var", training)
     out = check_out(out, x, may_alias=((x, "the input"),),
-                    must_not_overlap=() if residual is None else ((residual, "the residual"),))
+                    must_not_overlap=_named(weight=weight, bias=bias,
+                                            running_mean=running_mean,
+                                            running_var=running_var)
+                    + (() if residual is None else ((residual, "the residual"),)))
     if training:
         check_batch_stats_possible(x, axis)
         y, saved = _dispatch.forward(x, axis, weight, bias, eps, out, residual=residual,
@@ -98,6 +105,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     bn(x) + residual.  dy is then the gradient of the fused output.
     """
     x, axis = check_data(x, axis, name="x")
+    training = check_bool(training, "training")
     dy = check_like(dy, x.shape, x.dtype, "dy", "x")
     relu = check_activation(activation) is not None
     if relu:
@@ -118,7 +126,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
         raise ValueError("save_mean and save_invstd are required")
     weight = check_channel_array(weight, channels, "weight")
     out = check_out(out, dy, may_alias=((dy, "dy"),),
-                    must_not_overlap=((x, "x"),) + (((y, "y"),) if relu else ()))
+                    must_not_overlap=((x, "x"),) + (((y, "y"),) if relu else ())
+                    + _named(weight=weight, save_mean=save_mean, save_invstd=save_invstd))
     layout = plan(x, axis)
     stats = np.concatenate([save_mean, save_invstd]).astype(np.float64, copy=False)
     saved = _dispatch.Saved(layout.dense(x), layout, stats, bool(training),
