@@ -7,6 +7,7 @@ Environment switches (all optional):
                           picks AVX2/AVX-512 loops at run time through function multiversioning)
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,17 @@ def _openmp_flag_candidates(compiler_type):
 
 
 def _compiles_and_links(compiler, source, compile_args, link_args):
+    # Compiled and linked as the extensions are (a shared object, through the same
+    # compiler and linker commands, which carry the user's CFLAGS and LDFLAGS): a probe
+    # linked differently can fail where the real build works, e.g. under -fsanitize.
     tmp = tempfile.mkdtemp(prefix="cpubn_probe_")
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
-            f.write(source)
+            f.write(source.replace("int main(void)", "int cpubn_probe(void)"))
         objects = compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
-        compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=link_args)
+        compiler.link_shared_object(objects, "probe.so", output_dir=tmp,
+                                    extra_postargs=link_args)
         return True
     except Exception:
         return False
@@ -83,6 +88,8 @@ class BuildExtWithOpenMP(build_ext):
             if openmp is not None:
                 ext.extra_compile_args += openmp[0]
                 ext.extra_link_args += openmp[1]
+            # The user's CFLAGS come last, so that e.g. CFLAGS=-O1 wins over our -O3.
+            ext.extra_compile_args += shlex.split(os.environ.get("CFLAGS", ""))
         super().build_extensions()
 
     def run(self):

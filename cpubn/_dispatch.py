@@ -171,10 +171,11 @@ def backward(dy, saved, weight, out):
 def update_running_stats(running_mean, running_var, saved, count, factor):
     """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
     variance for running_var (PyTorch's convention).  Computed in float64, rounded once."""
-    if running_mean is not None:
-        running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
-                             + factor * saved.mean)
-    if running_var is not None:
-        unbiased_var = saved.batch_var * (count / (count - 1))
-        running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
-                            + factor * unbiased_var)
+    with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf
+        if running_mean is not None:
+            running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
+                                 + factor * saved.mean)
+        if running_var is not None:
+            unbiased_var = saved.batch_var * (count / (count - 1))
+            running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
+                                + factor * unbiased_var)
