@@ -17,6 +17,8 @@ parameters and returned in its own dtype:
 
     >>> y16 = cpubn.BatchNorm(64)(x.astype(np.float16))   # y16.dtype == float16
 
+Small or non-i.i.d. batches: BatchRenorm (with renorm_schedule).
+
 See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward
 (all take activation= and residual=), the inference folding helpers fold_into_linear /
 fold_into_conv / fold_into_following_linear, and the thread controls set_num_threads /
@@ -24,6 +26,7 @@ get_num_threads / threads.
 """
 from ._lazy import LazyBatchNorm
 from ._module import BatchNorm
+from ._renorm import BatchRenorm, renorm_schedule
 from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
@@ -33,6 +36,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "LazyBatchNorm",
+    "BatchRenorm",
+    "renorm_schedule",
     "batch_norm",
     "batch_norm_forward",
     "batch_norm_backward",
