@@ -17,15 +17,18 @@ parameters and returned in its own dtype:
 
     >>> y16 = cpubn.BatchNorm(64)(x.astype(np.float16))   # y16.dtype == float16
 
-Small or non-i.i.d. batches: BatchRenorm (with renorm_schedule).
+Small or non-i.i.d. batches: BatchRenorm (with renorm_schedule), GhostBatchNorm, and
+``with precise_statistics(layers):`` for exact population statistics.
 
 See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward
 (all take activation= and residual=), the inference folding helpers fold_into_linear /
 fold_into_conv / fold_into_following_linear, and the thread controls set_num_threads /
 get_num_threads / threads.
 """
+from ._ghost import GhostBatchNorm
 from ._lazy import LazyBatchNorm
 from ._module import BatchNorm
+from ._precise import precise_statistics
 from ._renorm import BatchRenorm, renorm_schedule
 from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
@@ -37,6 +40,8 @@ __all__ = [
     "BatchNorm",
     "LazyBatchNorm",
     "BatchRenorm",
+    "GhostBatchNorm",
+    "precise_statistics",
     "renorm_schedule",
     "batch_norm",
     "batch_norm_forward",
