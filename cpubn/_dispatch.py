@@ -4,10 +4,12 @@ _module); the per-call work in Python is choosing views and allocating outputs.
 """
 import numpy as np
 
+# _thread_control first: it loads the OpenMP runtime with cpubn's wait policy, which
+# must happen before the kernel modules (linked against the runtime) are imported.
+from ._thread_control import threads_for  # isort: skip
 from . import _backward, _forward
 from ._overflow import all_finite, redo_backward_sums, redo_forward_statistics
 from ._layout import plan
-from ._thread_control import threads_for
 from ._validation import is_half
 
 

@@ -18,12 +18,38 @@ import operator
 import os
 import threading
 
-from . import _threads
 
-# Below this many elements a kernel call runs serially.  A second thread saves at most a
-# few tens of microseconds here, but on a busy machine a team member that is not
-# scheduled stalls the whole call for a scheduler slice (milliseconds).
-PARALLEL_MIN_ELEMENTS = 1 << 17
+def _load_openmp_runtime():
+    """Import the compiled thread module, and with it the OpenMP runtime, with threads
+    that sleep instead of spinning when they wait (OMP_WAIT_POLICY=passive).
+
+    On a shared machine a spinning thread holds its core while it waits at a barrier,
+    and a team member preempted by another process stalls every call for a scheduler
+    slice: with one busy neighbour on a 2-core machine the 90th-percentile call took
+    20-150x the median.  Passive threads cost a wake-up per parallel region (tens of
+    microseconds), which PARALLEL_MIN_ELEMENTS keeps off small calls.  The runtime reads
+    the variable once, when it is loaded; it is removed again right after, so child
+    processes and other libraries' runtimes do not see it.  A user's own OMP_WAIT_POLICY
+    or GOMP_SPINCOUNT wins; a runtime that something else loaded first keeps its own."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        from . import _threads
+        return _threads
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        from . import _threads
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+    return _threads
+
+
+# Loaded before any kernel module (cpubn._dispatch imports this module first).
+_threads = _load_openmp_runtime()
+
+# Below this many elements a kernel call runs on one thread.  With passive waiting,
+# waking a second thread costs about what it saves up to about 1M elements: measured on
+# the 2-core development machine, a (1024, 1024) float32 training forward took 1.07x the
+# one-thread time on 2 threads, a (2048, 1024) one 0.79x, a (256, 1024) one 1.26x.
+PARALLEL_MIN_ELEMENTS = 3 << 19
 
 # The largest explicit thread count accepted.  Asking the OpenMP runtime for more threads
 # than the system can create ends the process (libgomp prints "Thread creation failed"

@@ -158,7 +158,7 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
     cdef const data_t* grad = dy if g == NULL else g
 
     if blocks >= 2 * n_threads:
-        for b in prange(blocks, schedule='static', num_threads=n_threads,
+        for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             backward_channel_block(dy, y, x, g, dx, stats, weight, training, grads,
                                    constants, N, C, S, b * per_block,
@@ -170,7 +170,7 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
         return OUT_OF_MEMORY
     # Work items in memory order (partition.pxd: split_item_*); item u's sum(dy) at
     # partials[slot], its sum(dy * (x - mean)) at partials[C * units + slot].
-    for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
+    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         slot = split_item_slot(u, N, C, chunks)
         chunk_grad_sums(dy, y, x, g, split_item_offset(u, S, chunks),
@@ -183,7 +183,7 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
         input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
                              <double>(N * S), training, &constants[c], &constants[C + c],
                              &constants[2 * C + c], &constants[3 * C + c])
-    for u in prange(N * C, schedule='static', num_threads=n_threads,
+    for u in prange(N * C, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         c = u % C
         input_grad_run(grad + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
@@ -210,11 +210,11 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     if partials == NULL:
         return OUT_OF_MEMORY
     # Block b's sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at partials[(blocks + b) * C:].
-    for b in prange(blocks, schedule='static', num_threads=n_threads,
+    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
                         partials + b * C, partials + (blocks + b) * C)
-    for c in prange(C, schedule='static', num_threads=n_threads,
+    for c in prange(C, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         sum_dy = ordered_sum(partials + c, blocks, C)
         sum_dy_xmu = ordered_sum(partials + blocks * C + c, blocks, C)
@@ -222,7 +222,7 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
         input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
                              <double>R, training, &constants[c], &constants[C + c],
                              &constants[2 * C + c], &constants[3 * C + c])
-    for b in prange(blocks, schedule='static', num_threads=n_threads,
+    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         if training:
             rows_input_grad(grad + b * rows * C, x + b * rows * C, dx + b * rows * C,

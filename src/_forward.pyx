@@ -106,7 +106,7 @@ cdef void normalize_runs_nchw(const data_t* x, const data_t* r, data_t* y, Py_ss
                               int n_threads, bint relu, bint stream) noexcept nogil:
     # constants: mean_hi[C], scale[C], shift[C] back to back.
     cdef Py_ssize_t run, c
-    for run in prange(N * C, schedule='static', num_threads=n_threads,
+    for run in prange(N * C, schedule='dynamic', num_threads=n_threads,
                       use_threads_if=n_threads > 1):
         c = run % C
         run_normalize_act(x + run * S, shifted(r, run * S), y + run * S, S, constants[c],
@@ -129,7 +129,7 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
     cdef double* partials
 
     if blocks >= 2 * n_threads:
-        for b in prange(blocks, schedule='static', num_threads=n_threads,
+        for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             train_channel_block(x, r, y, weight, bias, eps, stats, constants, N, C, S,
                                 b * per_block, min(C, (b + 1) * per_block), relu, stream)
@@ -140,7 +140,7 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
         return OUT_OF_MEMORY
     # Work items in memory order; item u's mean at partials[slot], its m2 at
     # partials[C * units + slot] (partition.pxd: split_item_*).
-    for u in prange(N * C * chunks, schedule='static', num_threads=n_threads,
+    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         slot = split_item_slot(u, N, C, chunks)
         run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
@@ -166,7 +166,7 @@ cdef void normalize_blocks_nhwc(const data_t* x, const data_t* r, data_t* y, Py_
                                 Py_ssize_t C, const floating* constants, int n_threads,
                                 bint relu, bint stream) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
-    for b in prange(block_count(R, rows), schedule='static', num_threads=n_threads,
+    for b in prange(block_count(R, rows), schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
                            block_rows(R, rows, b), C, constants, constants + C,
@@ -192,11 +192,11 @@ cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* 
     # scratch (2 * C) at partials[(2 * blocks + 2 * b) * C:]; then the combined mean, m2
     # and scratch.
     combined = partials + 4 * blocks * C
-    for b in prange(blocks, schedule='static', num_threads=n_threads,
+    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
                      partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C)
-    for t in prange(tiles, schedule='static', num_threads=n_threads,
+    for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
                            t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,

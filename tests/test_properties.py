@@ -13,9 +13,10 @@ VALUE_TOL = {np.float64: (1e-9, 1e-11), np.float32: (2e-5, 2e-5), np.float16: (4
 GRAD_TOL = {np.float64: (1e-8, 1e-10), np.float32: (2e-4, 5e-5), np.float16: (2e-2, 5e-3)}
 
 
-def _close(got, expected, tol, what):
-    """got within tol of the float64 reference; where the reference is beyond got's
-    dtype range, got must be the infinity rounding gives."""
+def _close(got, expected, tol, what, scale=1.0):
+    """got within tol of the float64 reference, atol relative to the larger of `scale`
+    and the largest expected magnitude; where the reference is beyond got's dtype
+    range, got must be the infinity rounding gives."""
     rtol, atol = tol
     got = np.asarray(got)
     expected = np.asarray(expected, np.float64)
@@ -23,7 +24,7 @@ def _close(got, expected, tol, what):
     if beyond.any():
         assert np.array_equal(got[beyond], np.copysign(np.inf, expected[beyond])), what
         got, expected = got[~beyond], expected[~beyond]
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    scale = max(scale, float(np.abs(expected).max())) if expected.size else scale
     np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=rtol,
                                atol=atol * scale, err_msg=what)
 
@@ -52,7 +53,10 @@ def _arrange(values, arrangement):
     return np.ascontiguousarray(values[::-1])[::-1]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 300 cases on every run, so CI cannot fail on a case no one has
+# seen; run with --hypothesis-seed=N (and derandomize off) to explore others.
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_layer_matches_reference(data):
     ndim = data.draw(st.integers(2, 4), label="ndim")
@@ -108,8 +112,12 @@ def test_layer_matches_reference(data):
         dy = rng.standard_normal(shape).astype(dtype)
         dx = bn.backward(dy)
         dx_ref = expected.backward(dy)
-        dx_ref = dx_ref[0] if isinstance(dx_ref, tuple) else dx_ref
-        _close(dx, dx_ref, grad_tol, f"dx at step {step}")
+        # dx is a difference of terms of size |dy * weight * invstd|, which can cancel
+        # to much less (e.g. two values per channel): its error scales with the terms.
+        invstd = expected.saved[2]
+        terms = float(np.abs(dy).max() * np.max(invstd)
+                      * (np.abs(expected.weight).max() if affine else 1.0))
+        _close(dx, dx_ref, grad_tol, f"dx at step {step}", scale=max(1.0, terms))
     if affine:
         _close(bn.grad_weight, expected.grad_weight, grad_tol, "grad_weight")
         _close(bn.grad_bias, expected.grad_bias, grad_tol, "grad_bias")
