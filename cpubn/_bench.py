@@ -949,6 +949,9 @@ def build_parser():
     p.add_argument("--half", action="store_true",
                    help="time float16 and bfloat16 data against float32 data instead "
                         "('--half --help' for its options)")
+    p.add_argument("--contention", action="store_true",
+                   help="median and 90th percentile beside a busy process it starts, at 1 "
+                        "and the default thread count ('--contention --help' for its options)")
     p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png",
@@ -1075,6 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--half" in argv:
         from ._bench_half import main as half_main
         return half_main([arg for arg in argv if arg != "--half"])
+    if "--contention" in argv:
+        from ._bench_contention import main as contention_main
+        return contention_main([arg for arg in argv if arg != "--contention"])
     args = build_parser().parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)

@@ -176,3 +176,23 @@ def test_python_m_cpubn_bench(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "3x4x2x2" in proc.stdout
     assert len(json.loads(path.read_text())["results"]) == 2
+
+
+def test_contention_bench_reports_median_p90_and_target(tmp_path, capsys):
+    path = tmp_path / "contention.json"
+    rc = _bench.main(["--contention", "--shape", "4,3,8,8", "--samples", "5",
+                      "--layout", "nchw", "--no-torch", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["busy"] is True
+    assert [(r["layout"], r["op"]) for r in report["results"]] == [
+        ("nchw", "train"), ("nchw", "eval"), ("nchw", "backward")]
+    for r in report["results"]:
+        stats = r["stats"]
+        for name in ("cpubn 1 thread", "cpubn default", "numpy"):
+            assert stats[name]["samples"] == 5
+            assert 0 < stats[name]["median_ms"] <= stats[name]["p90_ms"]
+        assert stats["p90_vs_one_thread_median"] == pytest.approx(
+            stats["cpubn default"]["p90_ms"] / stats["cpubn 1 thread"]["median_ms"])
+    out = capsys.readouterr().out
+    assert "one busy process" in out and "target" in out and "of 3 cases" in out

@@ -406,3 +406,17 @@ def test_no_leak_over_many_calls_including_raising_ones():
         round_of_calls()
     grown = _rss_bytes() - before
     assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 5000 rounds"
+
+
+# ------------------------------------------------------------------ OpenMP wait policy
+@pytest.mark.parametrize("user_value", [None, "active"])
+def test_wait_policy_is_not_left_in_the_environment(user_value):
+    code = ("import os, cpubn\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if user_value is not None:
+        env["OMP_WAIT_POLICY"] = user_value
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(user_value)
