@@ -158,11 +158,45 @@ def threads(n_threads):
         _local.n_threads = previous
 
 
+def _is_automatic():
+    override = getattr(_local, "n_threads", None)
+    requested = _requested if override is None else override
+    return requested is None or requested is _AUTOMATIC
+
+
+_loadavg_fd = None
+
+
+def _idle_cpus():
+    """CPUs of the machine not running a task right now, plus the caller's own: from the
+    instantaneous count of runnable tasks in Linux's /proc/loadavg (1.5 us with the file
+    kept open), or None where that is not available."""
+    global _loadavg_fd
+    try:
+        if _loadavg_fd is None:
+            _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY)
+        running = int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) - running + 1
+
+
 def threads_for(n_elements):
-    """Threads for one kernel call over n_elements: 1 below the parallel threshold."""
+    """Threads for one kernel call over n_elements: 1 below the parallel threshold.
+
+    In automatic mode a call also uses no more threads than there are idle CPUs at that
+    moment (at least one): a team member that has to wait for a core busy with another
+    process stalls the whole call at its closing barrier, so beside a busy neighbour one
+    thread is faster than two.  An explicit count (set_num_threads, threads(n)) is used
+    as is."""
     if n_elements < PARALLEL_MIN_ELEMENTS:
         return 1
-    return get_num_threads()
+    n_threads = get_num_threads()
+    if n_threads > 1 and _is_automatic():
+        idle = _idle_cpus()
+        if idle is not None:
+            n_threads = max(1, min(n_threads, idle))
+    return n_threads
 
 
 def openmp_enabled():

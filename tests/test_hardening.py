@@ -420,3 +420,28 @@ def test_wait_policy_is_not_left_in_the_environment(user_value):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(user_value)
+
+
+def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
+    import cpubn._thread_control as thread_control
+    big = thread_control.PARALLEL_MIN_ELEMENTS
+    cpubn.set_num_threads(None)
+    monkeypatch.setattr(thread_control, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: 1)     # a busy neighbour
+    assert thread_control.threads_for(big) == 1
+    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: 3)
+    assert thread_control.threads_for(big) == 3
+    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: None)   # no /proc/loadavg
+    assert thread_control.threads_for(big) == 4
+    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: -5)
+    assert thread_control.threads_for(big) == 1
+    assert thread_control.threads_for(big - 1) == 1
+    with cpubn.threads(4):                 # an explicit count is used as is
+        assert thread_control.threads_for(big) == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux /proc")
+def test_idle_cpus_reads_the_run_queue():
+    import cpubn._thread_control as thread_control
+    idle = thread_control._idle_cpus()
+    assert isinstance(idle, int) and idle <= os.cpu_count()
