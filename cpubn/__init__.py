@@ -20,16 +20,20 @@ parameters and returned in its own dtype:
 Small or non-i.i.d. batches: BatchRenorm (with renorm_schedule), GhostBatchNorm, and
 ``with precise_statistics(layers):`` for exact population statistics.
 
-See BatchNorm (and LazyBatchNorm), batch_norm, batch_norm_forward, batch_norm_backward
-(all take activation= and residual=), the inference folding helpers fold_into_linear /
-fold_into_conv / fold_into_following_linear, and the thread controls set_num_threads /
-get_num_threads / threads.
+Data-parallel training over MPI (``pip install "cpubn[mpi]"``): SyncBatchNorm normalizes
+with the statistics of the batches of all processes.
+
+See BatchNorm (and LazyBatchNorm, SyncBatchNorm), batch_norm, batch_norm_forward,
+batch_norm_backward (all take activation= and residual=), the inference folding helpers
+fold_into_linear / fold_into_conv / fold_into_following_linear, and the thread controls
+set_num_threads / get_num_threads / threads.
 """
 from ._ghost import GhostBatchNorm
 from ._lazy import LazyBatchNorm
 from ._module import BatchNorm
 from ._precise import precise_statistics
 from ._renorm import BatchRenorm, renorm_schedule
+from ._sync import SyncBatchNorm
 from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
@@ -39,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "LazyBatchNorm",
+    "SyncBatchNorm",
     "BatchRenorm",
     "GhostBatchNorm",
     "precise_statistics",
