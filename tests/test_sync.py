@@ -37,16 +37,17 @@ needs_mpiexec = pytest.mark.skipif(
     reason='mpi4py or mpiexec is missing (pip install ".[mpi]" installs both)')
 
 
-def run_mpi(n, script, *args, report_dir):
-    """`mpiexec -n N python -m mpi4py script args` with the cpubn this test imported; its
+def run_mpi(n, script, *args, report_dir=None):
+    """`mpiexec -n N python -m mpi4py script args` (script: a file in tests/, or "-m" and a
+    module before args) with the cpubn this test imported; its
     process group is killed if it outlives TIMEOUT (a hang fails instead of blocking).
     Returns (exit status, output, {rank: the lines it reported})."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", CPUBN_MPI_REPORT_DIR=str(report_dir),
+    env = dict(os.environ, OMP_NUM_THREADS="1", CPUBN_MPI_REPORT_DIR=str(report_dir or ""),
                PYTHONPATH=os.pathsep.join(filter(None, [
                    str(pathlib.Path(cpubn.__file__).resolve().parent.parent),
                    os.environ.get("PYTHONPATH")])))
-    command = [_mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / script),
-               *args]
+    command = [_mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py",
+               script if script == "-m" else str(HERE / script), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
     try:
@@ -55,8 +56,9 @@ def run_mpi(n, script, *args, report_dir):
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"{' '.join(command)} did not end within {TIMEOUT} s")
-    lines = {int(path.stem[4:]): path.read_text().splitlines()
-             for path in pathlib.Path(report_dir).glob("rank*.txt")}
+    lines = {} if report_dir is None else {
+        int(path.stem[4:]): path.read_text().splitlines()
+        for path in pathlib.Path(report_dir).glob("rank*.txt")}
     return process.returncode, stdout + stderr, lines
 
 
@@ -108,6 +110,22 @@ def test_uncaught_error_on_one_process_ends_the_job(tmp_path):
     rc, output, lines = run_mpi(2, "mpi_sync_failures.py", "crash", report_dir=tmp_path)
     assert rc != 0 and "an error outside cpubn" in output
     assert "recovered" not in str(lines)
+
+
+@needs_mpiexec
+def test_data_parallel_example_matches_one_process():
+    pytest.importorskip("sklearn")
+    rc, output, _ = run_mpi(2, "-m", "cpubn.examples.data_parallel", "--epochs", "2")
+    assert rc == 0, output
+    rows = [line.split("|") for line in output.splitlines() if line[:5].strip().isdigit()]
+    assert len(rows) == 2, output
+    for row in rows:
+        single, sync, local = ([float(v) for v in cell.split()] for cell in row[1:4])
+        assert abs(single[0] - sync[0]) < 1e-5 and single[1] == sync[1], output
+        assert abs(single[0] - local[0]) > 1e-3, output     # unsynchronized: another model
+        assert float(row[3].split()[-1]) < 1e-5, output     # max |weight diff|
+    assert ("2 processes, SyncBatchNorm: parameters and running statistics differ across "
+            "processes by up to 0.0e+00") in output
 
 
 # ---------------------------------------------------------------------- one process
