@@ -21,7 +21,8 @@ class _PopulationStatistics:
     """(count, mean, M2) per channel in float64, merged batch by batch with Chan et al.'s
     pairwise update: exact for any sequence of batch sizes (no E[x^2] - E[x]^2)."""
 
-    def __init__(self):
+    def __init__(self, layer):
+        self.layer = layer
         self.count = 0
         self.mean = None
         self.m2 = None
@@ -29,6 +30,10 @@ class _PopulationStatistics:
 
     def add(self, saved, count):
         """The _track_batch hook: one training forward's statistics."""
+        # A SyncBatchNorm's statistics are those of the global batch: its own _track_batch
+        # replaces the local count that BatchNorm.forward passes by the global count of
+        # its last exchange, kept in _sync_count; this hook must do the same.
+        count = getattr(self.layer, "_sync_count", None) or count
         batch_mean = np.array(saved.mean, dtype=_FLOAT64)
         batch_m2 = np.array(saved.batch_var, dtype=_FLOAT64) * count
         if self.mean is None:
@@ -83,7 +88,7 @@ def precise_statistics(layers):
         unique[id(layer)] = layer
     layers = list(unique.values())
     modes = [layer.training for layer in layers]
-    accumulators = [_PopulationStatistics() for _ in layers]
+    accumulators = [_PopulationStatistics(layer) for layer in layers]
     try:
         for layer, accumulator in zip(layers, accumulators):
             # An instance attribute shadows the class's hook (BatchNorm's or a subclass's

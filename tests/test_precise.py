@@ -169,3 +169,58 @@ def test_bad_arguments(rng):
         with cpubn.precise_statistics([good, no_stats]):
             pass
     assert "_track_batch" not in vars(good) and good.training
+
+
+# ---------------------------------------------------------------- SyncBatchNorm
+def _sync_module():
+    if not hasattr(cpubn, "SyncBatchNorm"):
+        pytest.skip("no SyncBatchNorm in this build")
+    pytest.importorskip("mpi4py")
+    import cpubn._sync as sync_module
+    return sync_module
+
+
+def test_sync_batchnorm_one_process(rng):
+    _sync_module()
+    sync, bn = cpubn.SyncBatchNorm(3, dtype=np.float64), cpubn.BatchNorm(3, dtype=np.float64)
+    batches = [make_x(rng, (n, 3, 2), np.float64, 1) for n in (4, 7)]
+    for layer in (sync, bn):
+        with cpubn.precise_statistics([layer]):
+            for x in batches:
+                layer(x)
+    assert bitwise_equal(sync.running_mean, bn.running_mean)
+    assert bitwise_equal(sync.running_var, bn.running_var)
+    assert sync.num_batches_tracked == 2
+
+
+def test_sync_batchnorm_uses_the_global_batch(rng, monkeypatch):
+    """A second process is simulated at the MPI boundary: its rows (count, mean, biased
+    variance of its own batches) join ours in the all-gather.  The population is then
+    everything both processes saw, weighted by the global counts."""
+    sync_module = _sync_module()
+    for name in ("allgather_rows", "_HEADER", "_COUNT", "_PHASE", "_FORWARD"):
+        if not hasattr(sync_module, name):
+            pytest.skip(f"cpubn._sync has no {name}: update this test's simulated process")
+    C, H = 3, sync_module._HEADER
+    others = iter([make_x(rng, (n, C), np.float64, 1, loc=6.0) for n in (9, 2)])
+    theirs = []
+
+    def allgather_with_a_second_process(comm, row):
+        other = row.copy()
+        if row[sync_module._PHASE] == sync_module._FORWARD:
+            x = next(others)
+            theirs.append(x)
+            other[sync_module._COUNT] = len(x)
+            other[H:H + C] = x.mean(axis=0)
+            other[H + C:] = x.var(axis=0)
+        return np.stack([row, other])
+
+    monkeypatch.setattr(sync_module, "allgather_rows", allgather_with_a_second_process)
+    sync = cpubn.SyncBatchNorm(C, dtype=np.float64)
+    ours = [make_x(rng, (n, C), np.float64, 1) for n in (3, 6)]
+    with cpubn.precise_statistics([sync]):
+        for x in ours:
+            sync(x)
+    mean, var = population(ours + theirs, 1)
+    np.testing.assert_allclose(sync.running_mean, mean, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(sync.running_var, var, rtol=1e-12, atol=1e-13)
