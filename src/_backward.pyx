@@ -31,8 +31,8 @@ from bn_loops cimport (cpubn_bfloat16, cpubn_half, data_t, floating, rows_grad_s
                        rows_input_grad, rows_masked_grad_sums, rows_normalize, run_grad_sums,
                        run_input_grad, run_masked_grad_sums, run_normalize, shifted)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
-                     UNSUPPORTED_TYPES, check_status, data_kind, data_of, gamma_of, is_float32,
-                     param_t)
+                     UNSUPPORTED_TYPES, check_dims, check_no_overlap, check_params, check_status,
+                     checked_array, data_kind, data_of, gamma_of, param_t)
 from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
                         channels_per_block, chunks_per_run, ordered_sum, rows_per_block,
                         split_item_channel, split_item_offset, split_item_slot)
@@ -258,6 +258,28 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     dresidual) for a forward with ReLU, and dresidual (a dense array like x, overlapping
     nothing) for one with a residual, which receives the residual's gradient; dx then
     holds the gradient with respect to x as usual."""
+    # The C boundary (params.pxd): every buffer against the (N, C, S) view.  dx may be dy
+    # itself; y and dresidual overlap nothing they are read or written with.
+    check_dims(N, C, S, n_threads, training)
+    if not isinstance(dy, cnp.ndarray):
+        raise TypeError(f"cpubn kernel: dy must be a numpy array, got {type(dy).__name__}")
+    cdef int kind = data_kind(<cnp.ndarray>dy)
+    checked_array(dy, "dy", N * C * S, kind, False)
+    checked_array(x, "x", N * C * S, kind, False)
+    checked_array(dx, "dx", N * C * S, kind, True)
+    if y is not None:
+        checked_array(y, "y", N * C * S, kind, False)
+    if dresidual is not None:
+        checked_array(dresidual, "dresidual", N * C * S, kind, True)
+    checked_array(stats, "stats", -2 * C, -1, False)
+    checked_array(grads, "grads", -2 * C, -1, True)
+    check_no_overlap(dy, dx, "dy", "dx", True)
+    check_no_overlap(x, dx, "x", "dx", False)
+    check_no_overlap(y, dx, "y", "dx", False)
+    for other, other_name in ((dy, "dy"), (x, "x"), (y, "y"), (dx, "dx")):
+        check_no_overlap(dresidual, other, "dresidual", other_name, False)
+    cdef bint param32 = check_params((weight,), ("weight",), C,
+                                     kind == DATA_FLOAT16 or kind == DATA_BFLOAT16)
     cdef void* pdy = data_of(dy)
     cdef void* py = data_of(y)
     cdef void* px = data_of(x)
@@ -273,8 +295,6 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     cdef void* pw = data_of(weight)
     cdef const double* ps = <const double*>data_of(stats)
     cdef double* pgr = <double*>data_of(grads)
-    cdef int kind = data_kind(dy)
-    cdef bint param32 = weight is None or is_float32(weight)
     cdef int status = UNSUPPORTED_TYPES
     # Per-channel constants in the compute type (at most a double each).
     cdef void* pc = malloc(4 * C * sizeof(double))

@@ -29,8 +29,9 @@ from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_hal
                        cpubn_half_conversions, data_t, floating, rows_mean_m2,
                        rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
-                     OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_status, data_kind, data_of, gamma_of,
-                     is_float32, param_t, params_float32)
+                     OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_dims, check_no_overlap,
+                     check_params, check_status, checked_array, data_kind, data_of, gamma_of,
+                     param_t)
 from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows,
                         chunk_length, channels_per_block, chunks_per_run, rows_per_block,
                         split_item_offset, split_item_slot)
@@ -243,20 +244,40 @@ cdef inline int train_any(const data_t* x, const data_t* r, data_t* y,
 
 # ---------------------------------------------------------------- entry points
 
+cdef int check_forward_arrays(object x, object y, object residual, object stats,
+                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
+                              bint training) except -1:
+    # The C boundary (params.pxd): returns x's data kind after checking every buffer
+    # against the (N, C, S) view; y may be x itself, the residual overlaps neither.
+    check_dims(N, C, S, n_threads, training)
+    if not isinstance(x, cnp.ndarray):
+        raise TypeError(f"cpubn kernel: x must be a numpy array, got {type(x).__name__}")
+    cdef int kind = data_kind(<cnp.ndarray>x)
+    checked_array(x, "x", N * C * S, kind, False)
+    checked_array(y, "y", N * C * S, kind, True)
+    if residual is not None:
+        checked_array(residual, "residual", N * C * S, kind, False)
+    checked_array(stats, "stats", -(3 if training else 2) * C, -1, True)
+    check_no_overlap(x, y, "x", "y", True)
+    check_no_overlap(residual, y, "residual", "y", False)
+    return kind
+
+
 def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, int n_threads, bint stream, residual=None, bint relu=False):
     """Training forward: batch statistics into stats (mean, invstd, biased var), then
     y = (x - mean) * invstd * weight + bias, plus residual (None or a dense array like x)
     and then max(., 0) if relu, in the same pass.  S == 1 selects the channels-last
     kernel; stream writes y with non-temporal stores."""
+    cdef int kind = check_forward_arrays(x, y, residual, stats, N, C, S, n_threads, True)
+    cdef bint param32 = check_params((weight, bias), ("weight", "bias"), C,
+                                     kind == DATA_FLOAT16 or kind == DATA_BFLOAT16)
     cdef void* px = data_of(x)
     cdef void* pr = data_of(residual)
     cdef void* py = data_of(y)
     cdef void* pw = data_of(weight)
     cdef void* pb = data_of(bias)
     cdef double* ps = <double*>data_of(stats)
-    cdef int kind = data_kind(x)
-    cdef bint param32 = params_float32(weight, bias)
     cdef int status = UNSUPPORTED_TYPES
     # Per-channel constants in the compute type (at most a double each).
     cdef void* pc = malloc(3 * C * sizeof(double))
@@ -293,6 +314,12 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
                  bint relu=False):
     """Eval forward with given statistics: stats receives mean and invstd (float64), and
     y = (x - mean) * invstd * weight + bias (+ residual, then max(., 0) if relu)."""
+    cdef int kind = check_forward_arrays(x, y, residual, stats, N, C, S, n_threads, False)
+    if mean is None or var is None:
+        raise TypeError("cpubn kernel: forward_eval needs mean and var arrays")
+    cdef bint param32 = check_params((mean, var, weight, bias),
+                                     ("mean", "var", "weight", "bias"), C,
+                                     kind == DATA_FLOAT16 or kind == DATA_BFLOAT16)
     cdef void* px = data_of(x)
     cdef void* pr = data_of(residual)
     cdef void* py = data_of(y)
@@ -301,8 +328,6 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
     cdef void* pw = data_of(weight)
     cdef void* pb = data_of(bias)
     cdef double* ps = <double*>data_of(stats)
-    cdef int kind = data_kind(x)
-    cdef bint param32 = is_float32(mean)
     cdef int status = UNSUPPORTED_TYPES
     cdef void* pc = malloc(3 * C * sizeof(double))
     if pc == NULL:

@@ -1,0 +1,180 @@
+"""The compiled entry points check what they are given (STYLE.md 15).
+
+cpubn._validation checks user input; these tests call cpubn._forward / cpubn._backward
+directly with buffers that do not match the (N, C, S) view, dtypes they have no loops
+for and impossible combinations, and expect TypeError / ValueError, never a silent
+no-op or an out-of-bounds access.
+"""
+import numpy as np
+import pytest
+
+from cpubn import _backward, _forward
+
+N, C, S = 2, 3, 5
+
+
+def arrays(dtype=np.float32, param_dtype=np.float32):
+    x = np.linspace(-1, 1, N * C * S).astype(dtype)
+    return dict(x=x, y=np.empty_like(x), weight=np.ones(C, param_dtype),
+                bias=np.zeros(C, param_dtype), mean=np.zeros(C, param_dtype),
+                var=np.ones(C, param_dtype), stats=np.empty(3 * C))
+
+
+def train(a, **over):
+    a = {**a, **over}
+    return _forward.forward_train(a["x"], a["y"], a["weight"], a["bias"], 1e-5, a["stats"],
+                                  a.get("N", N), a.get("C", C), a.get("S", S),
+                                  a.get("n_threads", 1), False, a.get("residual"),
+                                  a.get("relu", False))
+
+
+def evaluate(a, **over):
+    a = {**a, **over}
+    return _forward.forward_eval(a["x"], a["y"], a["mean"], a["var"], a["weight"], a["bias"],
+                                 1e-5, a["stats"], a.get("N", N), a.get("C", C),
+                                 a.get("S", S), 1, False, a.get("residual"), False)
+
+
+def backward(a, **over):
+    a = {**a, **over}
+    dy = a.get("dy", np.ones_like(a["x"]))
+    dx = a.get("dx", np.empty_like(a["x"]))
+    stats = a.get("bstats", np.concatenate([np.zeros(C), np.ones(C)]))
+    grads = a.get("grads", np.empty(2 * C))
+    return _backward.backward(dy, a["x"], dx, stats, a["weight"], True, grads,
+                              a.get("N", N), a.get("C", C), a.get("S", S), 1, False,
+                              a.get("yy"), a.get("dresidual"))
+
+
+def test_valid_calls_run():
+    a = arrays()
+    train(a)
+    evaluate(a)
+    backward(a)
+    b = arrays(np.float64, np.float64)
+    train(b, weight=None, bias=None)
+    backward(b, weight=None)
+
+
+def test_unknown_dtype_is_a_type_error():
+    # An unknown dtype used to fall through to the bfloat16 loops.
+    for dtype in (np.int16, np.uint16, np.complex64, np.int64):
+        a = arrays()
+        x = np.zeros(N * C * S, dtype)
+        with pytest.raises(TypeError, match="dtype"):
+            train(a, x=x, y=np.empty_like(x))
+        with pytest.raises(TypeError, match="dtype"):
+            evaluate(a, x=x, y=np.empty_like(x))
+        with pytest.raises(TypeError, match="dtype"):
+            backward(a, x=x, dy=np.zeros_like(x), dx=np.empty_like(x))
+
+
+@pytest.mark.parametrize("name", ["y", "residual"])
+def test_forward_data_arrays_must_match(name):
+    a = arrays()
+    with pytest.raises(ValueError, match="elements"):
+        train(a, **{name: np.empty(N * C * S - 1, np.float32)})
+    with pytest.raises(TypeError, match="dtype"):
+        train(a, **{name: np.empty(N * C * S, np.float64)})
+    with pytest.raises(ValueError, match="contiguous"):
+        train(a, **{name: np.empty(2 * N * C * S, np.float32)[::2]})
+    with pytest.raises(TypeError, match="numpy array"):
+        train(a, **{name: [0.0] * (N * C * S)})
+
+
+def test_x_size_and_dims():
+    a = arrays()
+    with pytest.raises(ValueError, match="elements"):
+        train(a, N=N + 1)
+    with pytest.raises(ValueError, match="elements"):
+        evaluate(a, S=S + 1)
+    with pytest.raises(ValueError, match="elements"):
+        backward(a, C=C - 1, weight=None, bias=None)
+    for dims in (dict(C=0), dict(S=0), dict(N=-1), dict(N=0)):
+        with pytest.raises(ValueError, match="dimensions"):
+            train(a, **dims)
+    with pytest.raises(ValueError, match="n_threads"):
+        train(a, n_threads=0)
+    with pytest.raises(ValueError, match="overflows"):
+        train(a, N=1 << 40, C=1 << 20, S=1 << 10)
+
+
+def test_read_only_outputs():
+    a = arrays()
+    y = np.empty_like(a["x"])
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        train(a, y=y)
+    stats = np.empty(3 * C)
+    stats.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        train(a, stats=stats)
+    with pytest.raises(ValueError, match="writeable"):
+        backward(a, dx=y)
+
+
+def test_statistics_buffers():
+    a = arrays()
+    with pytest.raises(ValueError, match="at least 9"):
+        train(a, stats=np.empty(3 * C - 1))
+    evaluate(a, stats=np.empty(2 * C))            # eval writes mean and invstd only
+    with pytest.raises(ValueError, match="at least 6"):
+        evaluate(a, stats=np.empty(2 * C - 1))
+    with pytest.raises(TypeError, match="float64"):
+        train(a, stats=np.empty(3 * C, np.float32))
+    with pytest.raises(ValueError, match="at least 6"):
+        backward(a, bstats=np.zeros(2 * C - 1))
+    with pytest.raises(ValueError, match="at least 6"):
+        backward(a, grads=np.empty(2 * C - 1))
+
+
+def test_per_channel_arrays():
+    a = arrays()
+    with pytest.raises(ValueError, match="weight has 2 elements"):
+        train(a, weight=np.ones(C - 1, np.float32))
+    with pytest.raises(TypeError, match="share one dtype"):
+        train(a, bias=np.zeros(C, np.float64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        train(a, weight=np.ones(C, np.int32))
+    with pytest.raises(ValueError, match="var has 4 elements"):
+        evaluate(a, var=np.ones(C + 1, np.float32))
+    with pytest.raises(TypeError, match="needs mean and var"):
+        evaluate(a, mean=None)
+    with pytest.raises(ValueError, match="contiguous"):
+        backward(a, weight=np.ones(2 * C, np.float32)[::2])
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_data_with_float64_parameters_is_impossible(half):
+    if half == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = ml_dtypes.bfloat16
+    else:
+        dtype = np.float16
+    a = arrays(dtype, np.float64)
+    with pytest.raises(TypeError, match="float32 parameters"):
+        train(a)
+    with pytest.raises(TypeError, match="float32 parameters"):
+        evaluate(a)
+    with pytest.raises(TypeError, match="float32 parameters"):
+        backward(a)
+    b = arrays(dtype, np.float32)
+    train(b)
+    evaluate(b)
+    backward(b)
+
+
+def test_overlapping_buffers():
+    a = arrays()
+    base = np.zeros(N * C * S + 1, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        train(a, x=base[:-1], y=base[1:])
+    train(a, y=a["x"])                             # in place: allowed
+    with pytest.raises(ValueError, match="overlap"):
+        train(a, residual=a["y"])
+    dy = np.ones_like(a["x"])
+    backward(a, dy=dy, dx=dy)                      # dx over dy: allowed
+    with pytest.raises(ValueError, match="overlap"):
+        backward(a, dx=a["x"])
+    with pytest.raises(ValueError, match="overlap"):
+        backward(a, dy=dy, dresidual=dy)
