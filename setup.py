@@ -20,7 +20,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_forward", "_backward", "_threads"]
+KERNEL_MODULES = ["_forward", "_backward", "_threads", "_arrays"]
 
 OPENMP_PROBE = r"""
 #include <omp.h>

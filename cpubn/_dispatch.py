@@ -71,7 +71,7 @@ def _output(dtype, layout, out):
 def _finish(dense_out, layout, out):
     if out is None:
         return layout.to_user(dense_out)
-    if layout.dense_or_none(out) is None:
+    if dense_out is not out and dense_out.base is not out:    # a temporary (see _output)
         np.copyto(out, layout.to_user(dense_out))
     return out
 

@@ -12,7 +12,7 @@ from . import _dispatch
 from ._validation import (check_activation, check_axis, check_batch_stats_possible, check_bool,
                           check_data, check_eps, check_like, check_momentum,
                           check_num_features, check_out, check_param_dtype, check_residual,
-                          check_state_array, is_half)
+                          check_state_array, is_half, overlaps_input)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ class BatchNorm:
                                          relu=relu)
         if tracking:
             self._track_batch(saved, x.size // x.shape[axis])
-        if out is not None and np.may_share_memory(out, x):
+        if out is not None and overlaps_input(out, x):
             saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
@@ -169,11 +169,11 @@ class BatchNorm:
         return checked
 
     def _per_channel_arrays(self):
-        """(array, name) for the per-channel attributes an `out` must not overlap."""
-        return tuple((getattr(self, name), name)
-                     for name in ("weight", "bias", "running_mean", "running_var",
-                                  "grad_weight", "grad_bias")
-                     if isinstance(getattr(self, name), np.ndarray))
+        """(array, name) pairs of the per-channel attributes an `out` must not overlap
+        (check_out skips those that are None or not arrays)."""
+        return ((self.weight, "weight"), (self.bias, "bias"),
+                (self.running_mean, "running_mean"), (self.running_var, "running_var"),
+                (self.grad_weight, "grad_weight"), (self.grad_bias, "grad_bias"))
 
     def backward(self, dy, out=None):
         """Gradient of the last forward: returns dx, or ``(dx, dresidual)`` when that

@@ -17,8 +17,8 @@ def _check_running_buffer(buffer, channels, name, training):
 
 
 def _named(**arrays):
-    """(array, name) pairs of the given per-channel arrays that are ndarrays."""
-    return tuple((a, name) for name, a in arrays.items() if isinstance(a, np.ndarray))
+    """(array, name) pairs of the given per-channel arrays, for check_out."""
+    return tuple((a, name) for name, a in arrays.items())
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
