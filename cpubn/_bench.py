@@ -949,6 +949,9 @@ def build_parser():
     p.add_argument("--half", action="store_true",
                    help="time float16 and bfloat16 data against float32 data instead "
                         "('--half --help' for its options)")
+    p.add_argument("--small-batch", action="store_true",
+                   help="time BatchRenorm and GhostBatchNorm training steps against BatchNorm "
+                        "('--small-batch --help' for its options)")
     p.add_argument("--contention", action="store_true",
                    help="median and 90th percentile beside a busy process it starts, at 1 "
                         "and the default thread count ('--contention --help' for its options)")
@@ -1078,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--half" in argv:
         from ._bench_half import main as half_main
         return half_main([arg for arg in argv if arg != "--half"])
+    if "--small-batch" in argv:
+        from ._bench_small_batch import main as small_batch_main
+        return small_batch_main([arg for arg in argv if arg != "--small-batch"])
     if "--contention" in argv:
         from ._bench_contention import main as contention_main
         return contention_main([arg for arg in argv if arg != "--contention"])

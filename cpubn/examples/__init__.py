@@ -13,6 +13,11 @@
     A conv net trained with fused ``BatchNorm(activation="relu")``, its BatchNorms folded
     into the neighbouring layers, and batch-1 inference latency and outputs compared
     (unfused, fused, folded): ``python -m cpubn.examples.edge_inference``.
+``cpubn.examples.small_batch``
+    BatchNorm, BatchRenorm, GhostBatchNorm and BatchNorm with precise statistics trained
+    on batches of 2, 4 and 8, on non-i.i.d. two-class batches and on i.i.d. batches of
+    60: eval accuracy and train/eval gap over several seeds,
+    ``python -m cpubn.examples.small_batch [--plot FILE]``.
 ``cpubn.examples.nn``
     The minimal NumPy layers both use (Linear, Conv2d via im2col, Sigmoid, ReLU, pooling,
     softmax cross-entropy) and the list-of-layers training helpers.

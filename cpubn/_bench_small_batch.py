@@ -1,0 +1,88 @@
+"""``python -m cpubn bench --small-batch``: the cost of a BatchRenorm and a GhostBatchNorm
+training step against a BatchNorm step on the same data.
+
+Each layer runs a training forward (``out=`` a preallocated buffer) and its backward
+(``out=`` another), the three layers interleaved in every repeat so that a noisy machine
+slows them alike; the first repeats are warm-up.  Reported: median milliseconds and the
+ratio to BatchNorm's median, for the forward, the backward and the whole step.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import cpubn
+
+DEFAULT_SHAPE = (256, 64, 28, 28)
+
+
+def _parse_shape(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def layers_for(channels, axis, ghost_batch_size):
+    return {"BatchNorm": cpubn.BatchNorm(channels, axis=axis),
+            "BatchRenorm": cpubn.BatchRenorm(channels, axis=axis),
+            f"GhostBatchNorm({ghost_batch_size})": cpubn.GhostBatchNorm(
+                channels, ghost_batch_size, axis=axis)}
+
+
+def measure(shape, layout, ghost_batch_size, repeats, warmup=3, seed=0):
+    """{layer name: (forward seconds list, backward seconds list)}."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    axis = 1
+    if layout == "nhwc":
+        x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+        axis = -1
+    y, dx = np.empty_like(x), np.empty_like(x)
+    layers = layers_for(shape[1], axis, ghost_batch_size)
+    times = {name: ([], []) for name in layers}
+    for repeat in range(warmup + repeats):
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            layer(x, out=y)
+            middle = time.perf_counter()
+            layer.backward(dy, out=dx)
+            end = time.perf_counter()
+            if repeat >= warmup:
+                times[name][0].append(middle - start)
+                times[name][1].append(end - middle)
+    return times
+
+
+def format_report(shape, layout, times):
+    base = times["BatchNorm"]
+    base_fwd, base_bwd = statistics.median(base[0]), statistics.median(base[1])
+    base_step = statistics.median(f + b for f, b in zip(*base))
+    lines = [f"{layout} {shape} float32, {cpubn.get_num_threads()} threads, "
+             f"{len(base[0])} interleaved repeats (median ms, ratio to BatchNorm)",
+             f"{'layer':>20}  {'forward':>14}  {'backward':>14}  {'step':>14}"]
+    for name, (fwd, bwd) in times.items():
+        f, b = statistics.median(fwd), statistics.median(bwd)
+        s = statistics.median(a + c for a, c in zip(fwd, bwd))
+        lines.append(f"{name:>20}  {f * 1e3:7.2f} {f / base_fwd:5.2f}x  "
+                     f"{b * 1e3:7.2f} {b / base_bwd:5.2f}x  {s * 1e3:7.2f} {s / base_step:5.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m cpubn bench --small-batch",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=_parse_shape, default=DEFAULT_SHAPE,
+                        metavar="N,C[,H,W...]", help="channels-first shape (default 256,64,28,28)")
+    parser.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
+    parser.add_argument("--ghost", type=int, default=32, help="ghost batch size (default 32)")
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved repeats (default 20)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.ghost < 1 or len(args.shape) < 2:
+        parser.error("--repeats and --ghost must be positive, --shape needs N and C")
+    layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
+    for i, layout in enumerate(layouts):
+        if i:
+            print()
+        print(format_report(args.shape, layout,
+                            measure(args.shape, layout, args.ghost, args.repeats)), flush=True)
+    return 0
