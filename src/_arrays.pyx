@@ -41,3 +41,28 @@ def first_bounds_overlap(cnp.ndarray out, tuple pairs, Py_ssize_t start=0):
         if low < out_high and out_low < high and low < high:
             return i
     return -1
+
+
+def params_unchanged(tuple current, tuple known, Py_ssize_t length, object dtype):
+    """True when every entry of `current` is the same object as in `known` and each array
+    among them still is what the kernels read: one-dimensional, `length` values of
+    exactly `dtype`, C-contiguous.  (Arrays can be resized, retyped or restrided in place,
+    so identity alone does not say that.)"""
+    cdef Py_ssize_t i
+    cdef cnp.ndarray a
+    cdef cnp.dtype want = <cnp.dtype?>dtype
+    if len(current) != len(known):
+        return False
+    for i in range(len(current)):
+        item = current[i]
+        if item is not known[i]:
+            return False
+        if item is None:
+            continue
+        a = <cnp.ndarray?>item
+        if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIM(a, 0) != length
+                or not (<object>cnp.PyArray_DESCR(a) is want
+                        or cnp.PyArray_EquivTypes(a.dtype, want))
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            return False
+    return True
