@@ -955,6 +955,9 @@ def build_parser():
     p.add_argument("--contention", action="store_true",
                    help="median and 90th percentile beside a busy process it starts, at 1 "
                         "and the default thread count ('--contention --help' for its options)")
+    p.add_argument("--sync", action="store_true",
+                   help="relaunch under mpiexec and time SyncBatchNorm training steps against "
+                        "BatchNorm ('--sync --help' for its options)")
     p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png",
@@ -1087,6 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--contention" in argv:
         from ._bench_contention import main as contention_main
         return contention_main([arg for arg in argv if arg != "--contention"])
+    if "--sync" in argv:
+        from ._bench_sync import main as sync_main
+        return sync_main([arg for arg in argv if arg != "--sync"])
     args = build_parser().parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)

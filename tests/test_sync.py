@@ -128,6 +128,24 @@ def test_data_parallel_example_matches_one_process():
             "processes by up to 0.0e+00") in output
 
 
+@needs_mpiexec
+def test_bench_sync_relaunches_under_mpiexec(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(cpubn.__file__).resolve().parent.parent))
+    env.pop("CPUBN_BENCH_SYNC_CHILD", None)
+    result = subprocess.run([sys.executable, "-m", "cpubn", "bench", "--sync", "--shape", "6,3",
+                             "--layout", "nhwc", "--repeats", "2", "--json",
+                             str(tmp_path / "sync.json")],
+                            capture_output=True, text=True, env=env, timeout=TIMEOUT,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mpiexec -n 2 python -m mpi4py -m cpubn bench --sync" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("6x3 "))
+    assert row.split()[1] == "nhwc" and row.endswith("%")
+    import json
+    report = json.loads((tmp_path / "sync.json").read_text())
+    assert report["processes"] == 2 and len(report["cases"][0]["samples_s"]["sync"]) == 2
+
+
 # ---------------------------------------------------------------------- one process
 def test_import_without_mpi4py_and_the_install_hint():
     code = ("import sys; sys.modules['mpi4py'] = None\n"

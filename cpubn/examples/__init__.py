@@ -18,6 +18,11 @@
     on batches of 2, 4 and 8, on non-i.i.d. two-class batches and on i.i.d. batches of
     60: eval accuracy and train/eval gap over several seeds,
     ``python -m cpubn.examples.small_batch [--plot FILE]``.
+``cpubn.examples.data_parallel``
+    Data-parallel training of the paper example's digits MLP with ``SyncBatchNorm`` (needs
+    ``cpubn[mpi]`` too): each process takes a slice of every batch, and the run is
+    compared with one process on the whole batch and with per-process ``BatchNorm``,
+    ``mpiexec -n 4 python -m mpi4py -m cpubn.examples.data_parallel``.
 ``cpubn.examples.nn``
     The minimal NumPy layers both use (Linear, Conv2d via im2col, Sigmoid, ReLU, pooling,
     softmax cross-entropy) and the list-of-layers training helpers.
