@@ -50,7 +50,7 @@ def params_unchanged(tuple current, tuple known, Py_ssize_t length, object dtype
     so identity alone does not say that.)"""
     cdef Py_ssize_t i
     cdef cnp.ndarray a
-    cdef cnp.dtype want = <cnp.dtype?>dtype
+    cdef cnp.dtype want = None if dtype is None else <cnp.dtype?>dtype    # None: no arrays
     if len(current) != len(known):
         return False
     for i in range(len(current)):
@@ -59,6 +59,8 @@ def params_unchanged(tuple current, tuple known, Py_ssize_t length, object dtype
             return False
         if item is None:
             continue
+        if want is None:
+            return False
         a = <cnp.ndarray?>item
         if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIM(a, 0) != length
                 or not (<object>cnp.PyArray_DESCR(a) is want
