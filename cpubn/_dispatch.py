@@ -181,3 +181,16 @@ def update_running_stats(running_mean, running_var, saved, count, factor):
             unbiased_var = saved.batch_var * (count / (count - 1))
             running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
                                 + factor * unbiased_var)
+
+
+def batch_statistics(x, axis, eps):
+    """A Saved (batch_stats=True, no output) holding the statistics a training forward of
+    x would compute, bit for bit, without normalizing: for layers that normalize with
+    other per-channel constants afterwards (forward with running_mean/running_var set to
+    the constants they choose).  x is validated; it is only read."""
+    layout = plan(x, axis)
+    x_dense = layout.dense(x)
+    n, channels, s = layout.kernel_dims
+    stats = np.empty(3 * channels)
+    _forward.batch_stats(x_dense, eps, stats, n, channels, s, threads_for(x.size))
+    return Saved(x_dense, layout, stats, True)

@@ -117,14 +117,12 @@ class BatchRenorm(BatchNorm):
 
     # ------------------------------------------------------------------ kernels
     def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
-        # Two kernel calls: the training kernel computes the batch statistics (its output
-        # is scratch, overwritten below), then the eval kernel normalizes with those
-        # statistics and the folded scale weight*r and shift bias + weight*d, adding the
-        # residual and applying the ReLU in its single pass.
+        # Two kernel calls: the batch statistics alone (x read, nothing written), then the
+        # eval kernel with those statistics and the folded scale weight*r and shift
+        # bias + weight*d, adding the residual and applying the ReLU in its single pass.
+        # x is read twice and y written once (a channels-last BatchNorm step's traffic).
         check_batch_stats_possible(x, axis)
-        in_place = out is not None and np.may_share_memory(out, x)
-        scratch, batch = _dispatch.forward(x, axis, None, None, self.eps,
-                                           None if in_place else out, params_checked=True)
+        batch = _dispatch.batch_statistics(x, axis, self.eps)
         r, d = self.renorm_factors(batch.mean, batch.batch_var)
         scale, shift = r, d
         if weight is not None:
@@ -132,10 +130,10 @@ class BatchRenorm(BatchNorm):
             scale, shift = w64 * r, w64 * d
         if bias is not None:
             shift = shift + bias
-        y, normalized = _dispatch.forward(
-            x, axis, scale, shift, self.eps, out if in_place else scratch,
-            running_mean=batch.mean, running_var=batch.batch_var, residual=residual,
-            relu=relu)
+        y, normalized = _dispatch.forward(x, axis, scale, shift, self.eps, out,
+                                          running_mean=batch.mean,
+                                          running_var=batch.batch_var, residual=residual,
+                                          relu=relu)
         self.last_r, self.last_d = r, d
         return y, RenormSaved(batch, normalized, r, d)
 

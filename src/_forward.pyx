@@ -366,3 +366,100 @@ def half_conversions():
     instruction) or "portable" (no such CPU support, or CPUBN_PORTABLE_HALF=1)."""
     return {"float16": cpubn_half_conversions(0).decode(),
             "bfloat16": cpubn_half_conversions(1).decode()}
+
+
+# ---------------------------------------------------------------- statistics only
+# For layers that normalize with something other than the batch statistics they compute
+# (BatchRenorm folds r and d into the scale and shift; SyncBatchNorm merges every
+# process's statistics first): the statistics alone, then forward_eval with the final
+# per-channel constants.  No y is written, so that pair reads x twice and writes y once.
+# The partials and their merge order are train_nchw's and train_nhwc's, so the statistics
+# are those forward_train computes, bit for bit, whatever the thread count.  (Those two
+# could call these functions; they are left untouched while the loop layer is rewritten.)
+
+cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py_ssize_t C,
+                    Py_ssize_t S, int n_threads) noexcept nogil:
+    # train_nchw's split path without its normalization pass: one partial per run chunk,
+    # computed in memory order in parallel, merged per channel in (n, chunk) order.
+    cdef Py_ssize_t chunks = chunks_per_run(S)
+    cdef Py_ssize_t units = N * chunks          # partials per channel
+    cdef Py_ssize_t c, u, slot
+    cdef double count, mean, m2
+    cdef double* partials = <double*>malloc(2 * C * units * sizeof(double))
+    if partials == NULL:
+        return OUT_OF_MEMORY
+    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        slot = split_item_slot(u, N, C, chunks)
+        run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
+                    &partials[slot], &partials[C * units + slot])
+    for c in range(C):
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for u in range(c * units, (c + 1) * units):
+            chan_merge(&count, &mean, &m2, <double>chunk_length(S, u % chunks), partials[u],
+                       partials[C * units + u])
+        store_channel(mean, m2, count, eps, c, C, stats)
+    free(partials)
+    return 0
+
+
+cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py_ssize_t C,
+                    int n_threads) noexcept nogil:
+    # train_nhwc's statistics: per-block partials of all channels, combined in block order.
+    cdef Py_ssize_t rows = rows_per_block(C)
+    cdef Py_ssize_t blocks = block_count(R, rows)
+    cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
+    cdef Py_ssize_t b, t, c
+    cdef double* partials = <double*>malloc((4 * blocks + 3) * C * sizeof(double))
+    cdef double* combined
+    if partials == NULL:
+        return OUT_OF_MEMORY
+    combined = partials + 4 * blocks * C        # the layout of train_nhwc's scratch
+    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
+                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C)
+    for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
+                    use_threads_if=n_threads > 1 and blocks * C > 65536):
+        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
+                           t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
+                           combined + C, combined + 2 * C)
+    for c in range(C):
+        store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
+    free(partials)
+    return 0
+
+
+cdef inline int stats_any(const data_t* x, double eps, double* stats, Py_ssize_t N,
+                          Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+    if S == 1:
+        return stats_nhwc(x, eps, stats, N, C, n_threads)
+    return stats_nchw(x, eps, stats, N, C, S, n_threads)
+
+
+def batch_stats(x, double eps, stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                int n_threads):
+    """The statistics forward_train would compute (mean, invstd, biased var, float64, into
+    stats), bit for bit, without normalizing: x is only read.  S == 1 selects the
+    channels-last kernel."""
+    check_dims(N, C, S, n_threads, True)
+    if not isinstance(x, cnp.ndarray):
+        raise TypeError(f"cpubn kernel: x must be a numpy array, got {type(x).__name__}")
+    cdef int kind = data_kind(<cnp.ndarray>x)
+    checked_array(x, "x", N * C * S, kind, False)
+    checked_array(stats, "stats", -3 * C, -1, True)
+    cdef void* px = data_of(x)
+    cdef double* ps = <double*>data_of(stats)
+    cdef int status = UNSUPPORTED_TYPES
+    with nogil:
+        if kind == DATA_FLOAT32:
+            status = stats_any(<float*>px, eps, ps, N, C, S, n_threads)
+        elif kind == DATA_FLOAT64:
+            status = stats_any(<double*>px, eps, ps, N, C, S, n_threads)
+        elif kind == DATA_FLOAT16:
+            status = stats_any(<cpubn_half*>px, eps, ps, N, C, S, n_threads)
+        elif kind == DATA_BFLOAT16:
+            status = stats_any(<cpubn_bfloat16*>px, eps, ps, N, C, S, n_threads)
+    check_status(status)
