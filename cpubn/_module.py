@@ -163,6 +163,12 @@ class BatchNorm:
             self._checked_params = None
         return checked
 
+    def _check_writable(self, *names):
+        """Before writing several attributes in place: all of them must take the write,
+        so that a failure leaves every one as it was."""
+        for name in names:
+            check_state_array(getattr(self, name), self.num_features, name)
+
     def _per_channel_arrays(self):
         """(array, name) pairs of the per-channel attributes an `out` must not overlap
         (check_out skips those that are None or not arrays)."""
@@ -212,6 +218,7 @@ class BatchNorm:
     def zero_grad(self):
         """Set grad_weight and grad_bias to zero."""
         if self.affine:
+            self._check_writable("grad_weight", "grad_bias")
             self.grad_weight[...] = 0
             self.grad_bias[...] = 0
 
@@ -228,12 +235,15 @@ class BatchNorm:
     def reset_running_stats(self):
         """Running mean to 0, running variance to 1, num_batches_tracked to 0."""
         if self.track_running_stats:
+            self._check_writable("running_mean", "running_var")
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked = 0
 
     def reset_parameters(self):
         """Running statistics to 0 / 1, weight to 1, bias to 0 (as in PyTorch)."""
+        if self.affine:
+            self._check_writable("weight", "bias")
         self.reset_running_stats()
         if self.affine:
             self.weight[...] = 1
@@ -286,6 +296,7 @@ class BatchNorm:
                                 f"scalar, got {count.dtype} array of shape {count.shape}")
             if count < 0:
                 raise ValueError(f"num_batches_tracked must be >= 0, got {int(count)}")
+        self._check_writable(*arrays)
         for key, value in arrays.items():
             getattr(self, key)[...] = value
         if "num_batches_tracked" in expected:

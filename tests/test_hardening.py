@@ -445,3 +445,20 @@ def test_idle_cpus_reads_the_run_queue():
     import cpubn._thread_control as thread_control
     idle = thread_control._idle_cpus()
     assert isinstance(idle, int) and idle <= os.cpu_count()
+
+
+@pytest.mark.parametrize("call", ["zero_grad", "reset_running_stats", "reset_parameters",
+                                  "load_state_dict"])
+def test_multi_array_writes_fail_before_the_first(call, rng):
+    bn = cpubn.BatchNorm(3)
+    y = bn(_x(rng, (8, 3)) * 3 + 1)
+    bn.backward(np.ones_like(y))
+    bn.weight[...] = 2.0
+    state = {k: v + 1 for k, v in bn.state_dict().items()}
+    last = {"zero_grad": "grad_bias", "reset_running_stats": "running_var",
+            "reset_parameters": "running_var", "load_state_dict": "running_var"}[call]
+    getattr(bn, last).flags.writeable = False
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="read-only"):
+        getattr(bn, call)(state) if call == "load_state_dict" else getattr(bn, call)()
+    assert_same_state(bn, before)
