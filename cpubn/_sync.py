@@ -21,7 +21,7 @@ import numpy as np
 from . import _dispatch
 from ._module import BatchNorm
 from ._validation import (as_float_array, check_activation, check_like, check_out,
-                          check_residual, normalize_axis)
+                          check_residual, is_half, normalize_axis)
 
 INSTALL_HINT = ('cpubn.SyncBatchNorm needs mpi4py and an MPI library: pip install "cpubn[mpi]" '
                 '(mpi4py and the mpich wheel), or "pip install mpi4py" built against the '
@@ -354,21 +354,38 @@ class SyncBatchNorm(BatchNorm):
         if saved is not self._sync_saved:
             return super()._backward_kernel(dy, saved, weight, out)
         channels, layout = self.num_features, saved.layout
+        x_dense, y_dense, dy_user = saved.x_dense, saved.y_dense, dy
+        if is_half(dy.dtype):
+            # Computed on float32 copies and rounded once at the end: a float16 partial dx
+            # would lose the bits that the statistics' part cancels.
+            x_dense = x_dense.astype(np.float32)
+            y_dense = None if y_dense is None else y_dense.astype(np.float32)
+            dy_user = layout.to_user(layout.dense(dy).astype(np.float32))
         # Pass 1: the eval-mode backward w.r.t. the global statistics gives the partial dx
         # g * w * invstd (g: dy through the ReLU mask), dresidual = g and the local sums.
-        local = _dispatch.Saved(saved.x_dense, layout, saved.stats[:2 * channels], False,
-                                saved.y_dense, saved.residual)
-        partial = layout.to_user(_backward_workspace(layout, dy.dtype))
-        partial, local_sums, dresidual = _dispatch.backward(dy, local, weight, partial)
+        local = _dispatch.Saved(x_dense, layout, saved.stats[:2 * channels], False, y_dense,
+                                saved.residual)
+        partial = layout.to_user(_backward_workspace(layout, dy_user.dtype))
+        partial, local_sums, dresidual = _dispatch.backward(dy_user, local, weight, partial)
         sums = self._exchange_sums(dy.dtype, dy.ndim, dy.size // channels, local_sums)
         # Pass 2: dx = w * invstd * (g - Σg / M - x̂ * Σg·x̂ / M) = partial + x̂ * a + b, which
         # the eval forward kernel computes with weight a, bias b and residual = partial.
         gain = saved.invstd / self._sync_count
         if weight is not None:
             gain = gain * weight
-        dx, _ = _dispatch.forward(layout.to_user(saved.x_dense), self._sync_axis,
+        dx, _ = _dispatch.forward(layout.to_user(x_dense), self._sync_axis,
                                   -gain * sums[:channels], -gain * sums[channels:], self.eps,
-                                  out, saved.mean, saved.batch_var, residual=partial)
+                                  out if dy_user is dy else None, saved.mean, saved.batch_var,
+                                  residual=partial)
+        if dy_user is not dy:
+            rounded = dx.astype(dy.dtype)           # float32 -> float16/bfloat16, rounded once
+            if out is None:
+                dx = rounded
+            else:
+                out[...] = rounded
+                dx = out
+            if dresidual is not None:
+                dresidual = dresidual.astype(dy.dtype)     # g: exact in the data dtype
         return dx, local_sums, dresidual
 
     def _backward_empty(self, dy, out, synchronize):

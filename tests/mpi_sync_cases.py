@@ -219,15 +219,38 @@ def local_eval_statistics():
     check(bitwise_equal(sync(x), local(x)), "eval with batch statistics is local")
 
 
+def without_affine_or_running_stats():
+    """affine=False and track_running_stats=False: still the global batch's statistics in
+    training (exchanged), and dx through them."""
+    rng = np.random.default_rng([23, SIZE])
+    sizes = batch_sizes(11, "empty", SIZE)
+    x = make_x(rng, (11, C, 3), np.float64)
+    dy = rng.standard_normal(x.shape)
+    single = cpubn.BatchNorm(C, affine=False, track_running_stats=False, dtype=np.float64)
+    sync = cpubn.SyncBatchNorm(C, affine=False, track_running_stats=False, dtype=np.float64)
+    close(sync(local_part(x, sizes)), local_part(single(x), sizes), np.float64, "value",
+          "no affine: y")
+    close(sync.backward(local_part(dy, sizes)), local_part(single.backward(dy), sizes),
+          np.float64, "grad", "no affine: dx")
+    check(sync.running_mean is None and sync.grad_weight is None, "no affine: no state")
+
+
 def half_precision():
+    """float16 data: y and dx against one BatchNorm on the global batch, to float16's
+    precision (about 1e-3 relative)."""
     rng = np.random.default_rng([19, SIZE])
     sizes = batch_sizes(10, "uneven", SIZE)
     x = make_x(rng, (10, C, 4), np.float32).astype(np.float16)
-    y = cpubn.SyncBatchNorm(C)(local_part(x, sizes))
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    single, sync = cpubn.BatchNorm(C), cpubn.SyncBatchNorm(C)
+    y = sync(local_part(x, sizes))
     check(y.dtype == np.float16, "float16 output dtype")
-    mean, var, _ = ref.batch_stats(x, 1)
-    y_ref = local_part(ref.normalize(x, mean, ref.invstd_of(var, 1e-5)), sizes)
-    check(np.allclose(y.astype(np.float64), y_ref, rtol=2e-3, atol=2e-3), "float16 output")
+    for got, expected, what in ((y, single(x), "y"),
+                                (sync.backward(local_part(dy, sizes)), single.backward(dy),
+                                 "dx")):
+        expected = local_part(expected, sizes).astype(np.float64)
+        check(np.allclose(got.astype(np.float64), expected, rtol=2e-3, atol=2e-3),
+              f"float16 {what}")
 
 
 def report(text):
@@ -250,6 +273,7 @@ def main():
     converted()
     sub_communicators()
     local_eval_statistics()
+    without_affine_or_running_stats()
     half_precision()
     report(f"{checks} checks ok")
 

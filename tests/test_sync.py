@@ -218,6 +218,21 @@ def test_one_process_is_batchnorm(axis, shape, dtype, fused, rng, collectives):
 
 
 @needs_mpi4py
+def test_one_process_half_precision(rng):
+    """float16: y and dx within one unit in the last place of BatchNorm's (the kernels
+    read half-precision data's statistics as float32; dx is computed in float32 and
+    rounded once); the running statistics are BatchNorm's bits."""
+    x = make_x(rng, (16, 6, 5, 5), np.float32).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    bn, sync = cpubn.BatchNorm(6), cpubn.SyncBatchNorm(6)
+    for got, expected in ((sync(x), bn(x)), (sync.backward(dy), bn.backward(dy))):
+        got, expected = got.astype(np.float64), expected.astype(np.float64)
+        ulp = np.spacing(np.abs(expected).astype(np.float16)).astype(np.float64)
+        assert (np.abs(got - expected) <= ulp).all()
+    assert bitwise_equal(sync.running_var, bn.running_var)
+
+
+@needs_mpi4py
 def test_out_and_in_place(rng):
     x = make_x(rng, (8, 3, 5), np.float32)
     expected = cpubn.BatchNorm(3)(x)
