@@ -35,6 +35,14 @@ _CONSTRUCT, _FORWARD, _BACKWARD = 1.0, 2.0, 3.0
 _PHASE_NAMES = {_CONSTRUCT: "construction", _FORWARD: "forward", _BACKWARD: "backward"}
 _DTYPE_CODES = {"float32": 1.0, "float64": 2.0, "float16": 3.0, "bfloat16": 4.0}
 _DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
+_dtype_codes = {}                   # dtype -> code: dtype.name costs microseconds per call
+
+
+def _dtype_code(dtype):
+    code = _dtype_codes.get(dtype)
+    if code is None:
+        code = _dtype_codes[dtype] = _DTYPE_CODES[np.dtype(dtype).name]
+    return code
 
 # The configuration compared at construction, in the order of _config_row.
 _CONFIG_FIELDS = ("num_features", "dtype", "axis", "eps", "momentum", "affine",
@@ -155,7 +163,7 @@ class SyncBatchNorm(BatchNorm):
     def _header_row(self, phase, status, payload, dtype=None, ndim=0, axis=0, count=0):
         row = np.zeros(_HEADER + payload)
         row[:_HEADER] = (status, phase, self._layer_id,
-                         0.0 if dtype is None else _DTYPE_CODES[np.dtype(dtype).name],
+                         0.0 if dtype is None else _dtype_code(dtype),
                          ndim, axis, count)
         return row
 

@@ -108,9 +108,10 @@ def train(args, data, comm):
         init.bit_generator.state = state          # the same initial weights for every run
         return build_network(norm, init)
 
-    runs = [Run(f"{size} processes, SyncBatchNorm",
+    processes = f"{size} process{'es' if size > 1 else ''}"
+    runs = [Run(f"{processes}, SyncBatchNorm",
                 fresh(lambda c: cpubn.SyncBatchNorm(c, comm=comm)), comm, rank, size),
-            Run(f"{size} processes, BatchNorm per process", fresh(cpubn.BatchNorm), comm,
+            Run(f"{processes}, BatchNorm per process", fresh(cpubn.BatchNorm), comm,
                 rank, size)]
     if rank == 0:
         runs.insert(0, Run("1 process, BatchNorm", fresh(cpubn.BatchNorm), None, 0, 1))
