@@ -7,7 +7,9 @@ USAGE = """usage: python -m cpubn COMMAND [options]
 commands:
   bench    measure cpubn against the memory-bandwidth roofline, NumPy and PyTorch
   demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1);
-           'demo --convnet': a small conv net in channels-first and channels-last layouts
+           'demo --convnet': a small conv net in channels-first and channels-last layouts;
+           'demo --small-batch': BatchRenorm, GhostBatchNorm and precise statistics on
+           small and non-i.i.d. batches
   info     print the build: version, OpenMP, threads, half-precision conversions
 
 'python -m cpubn COMMAND --help' describes a command's options."""
@@ -26,6 +28,9 @@ def main(argv=None):
         if "--convnet" in rest:
             from .examples.convnet import main as convnet_main
             return convnet_main([arg for arg in rest if arg != "--convnet"])
+        if "--small-batch" in rest:
+            from .examples.small_batch import main as small_batch_main
+            return small_batch_main([arg for arg in rest if arg != "--small-batch"])
         from .examples.paper_mnist import main as demo_main
         return demo_main(rest)
     if command == "info":

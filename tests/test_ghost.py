@@ -290,3 +290,18 @@ def test_state_dict_and_save_load_round_trip(dtype, tmp_path, rng):
     x = ghost_data(rng, (8, 4), dtype, -1)
     assert bitwise_equal(loaded(x), layer(x))
     assert bitwise_equal(loaded.running_var, layer.running_var)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_half_precision_input(axis, rng):
+    layer, ref = ghost_pair(rng, 4, 3, np.float32, axis)
+    x = ghost_data(rng, shape_for(3, axis, 4, sizes=(8, 4, 5)), np.float32, axis)
+    x16 = x.astype(np.float16)
+    y = layer(x16)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float64), ref.forward(x16), rtol=2e-3, atol=4e-3)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    dx = layer.backward(dy)
+    assert dx.dtype == np.float16
+    np.testing.assert_allclose(dx.astype(np.float64), ref.backward(dy)[0], rtol=5e-3,
+                               atol=1e-2)

@@ -61,3 +61,9 @@ def test_command_line(tmp_path, capsys):
     if "--plot" in args:
         assert (tmp_path / "small.png").stat().st_size > 10_000
     assert small_batch.main(["--seeds", "0"]) == 2
+
+
+def test_python_m_cpubn_demo_small_batch(capsys):
+    from cpubn.__main__ import main
+    assert main(["demo", "--small-batch", "--seeds", "1", "--quiet", "--samples", "600"]) == 0
+    assert "non-iid 60" in capsys.readouterr().out
