@@ -27,9 +27,10 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (cpubn_bfloat16, cpubn_half, data_t, floating, rows_grad_sums,
-                       rows_input_grad, rows_masked_grad_sums, rows_normalize, run_grad_sums,
-                       run_input_grad, run_masked_grad_sums, run_normalize, shifted)
+from bn_loops cimport (cpubn_bfloat16, cpubn_half, cpubn_half_init, data_t, floating,
+                       new_work, rows_grad_sums, rows_input_grad, rows_masked_grad_sums,
+                       rows_normalize, run_grad_sums, run_input_grad, run_masked_grad_sums,
+                       run_normalize, shifted, thread_work)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
                      UNSUPPORTED_TYPES, check_dims, check_no_overlap, check_params, check_status,
                      checked_array, data_kind, data_of, gamma_of, param_t)
@@ -38,6 +39,7 @@ from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, c
                         split_item_channel, split_item_offset, split_item_slot)
 
 cnp.import_array()
+cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
 
 
 cdef inline void input_grad_constants(double sum_dy, double sum_dy_xmu, double mean,
@@ -69,48 +71,53 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
 
 cdef inline void chunk_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
                                  data_t* g, Py_ssize_t offset, Py_ssize_t n, double mean,
-                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+                                 double* sum_dy, double* sum_dy_xmu,
+                                 float* work) noexcept nogil:
     # The sums of the gradient reaching the normalization over x[offset:offset + n]: dy's
     # (g == NULL), or those of the fused epilogue's g, which is stored into g as well.
+    # work: this thread's scratch (thread_work).
     if g == NULL:
-        run_grad_sums(dy + offset, x + offset, n, mean, sum_dy, sum_dy_xmu)
+        run_grad_sums(dy + offset, x + offset, n, mean, sum_dy, sum_dy_xmu, work)
     else:
         run_masked_grad_sums(dy + offset, shifted(y, offset), x + offset, g + offset, n, mean,
-                             sum_dy, sum_dy_xmu)
+                             sum_dy, sum_dy_xmu, work)
 
 
 cdef inline void block_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
                                  data_t* g, Py_ssize_t offset, Py_ssize_t rows, Py_ssize_t C,
                                  const double* mean, double* sum_dy,
-                                 double* sum_dy_xmu) noexcept nogil:
+                                 double* sum_dy_xmu, float* work) noexcept nogil:
     # chunk_grad_sums for a block of channels-last rows starting at element offset.
     if g == NULL:
-        rows_grad_sums(dy + offset, x + offset, rows, C, mean, sum_dy, sum_dy_xmu)
+        rows_grad_sums(dy + offset, x + offset, rows, C, mean, sum_dy, sum_dy_xmu, work)
     else:
         rows_masked_grad_sums(dy + offset, shifted(y, offset), x + offset, g + offset, rows, C,
-                              mean, sum_dy, sum_dy_xmu)
+                              mean, sum_dy, sum_dy_xmu, work)
 
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
 
 cdef inline void input_grad_run(const data_t* dy, const data_t* x, data_t* dx,
                                 Py_ssize_t S, floating k, floating a, floating mean_hi,
-                                floating b, bint training, bint stream) noexcept nogil:
+                                floating b, bint training, bint stream,
+                                float* work) noexcept nogil:
     if training:
-        run_input_grad(dy, x, dx, S, k, a, mean_hi, b, stream)
+        run_input_grad(dy, x, dx, S, k, a, mean_hi, b, stream, work)
     else:
-        run_normalize(dy, dx, S, 0, k, 0, stream)   # dx = dy * k; x is not read
+        run_normalize(dy, dx, S, 0, k, 0, stream, work)   # dx = dy * k; x is not read
 
 
 cdef void backward_channel_block(const data_t* dy, const data_t* y, const data_t* x,
                                  data_t* g, data_t* dx, const double* stats,
                                  const param_t* weight, bint training, double* grads,
                                  floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                                 Py_ssize_t c0, Py_ssize_t c1, bint stream) noexcept nogil:
+                                 Py_ssize_t c0, Py_ssize_t c1, bint stream,
+                                 float* work) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: the gradient sums, then dx while the
     # block's dy (or g) and x slabs are still in L2 (DRAM: dy and x read once, dx written
     # once).  Each channel adds its partials in (n, chunk) order, as the split path does.
     # constants: the call's k[C], a[C], mean_hi[C], b[C]; the block fills its channels.
+    # work: this thread's scratch (thread_work).
     cdef double sum_dy[MAX_CHANNEL_BLOCK]
     cdef double sum_dy_xmu[MAX_CHANNEL_BLOCK]
     cdef Py_ssize_t n, j, k, c, offset, width = c1 - c0
@@ -124,7 +131,7 @@ cdef void backward_channel_block(const data_t* dy, const data_t* y, const data_t
             for k in range(chunks_per_run(S)):
                 offset = (n * C + c0 + j) * S + k * RUN_CHUNK
                 chunk_grad_sums(dy, y, x, g, offset, chunk_length(S, k), stats[c0 + j],
-                                &part_dy, &part_dy_xmu)
+                                &part_dy, &part_dy_xmu, work)
                 sum_dy[j] += part_dy
                 sum_dy_xmu[j] += part_dy_xmu
     for j in range(width):
@@ -138,13 +145,14 @@ cdef void backward_channel_block(const data_t* dy, const data_t* y, const data_t
             offset = (n * C + c) * S
             input_grad_run(grad + offset, x + offset, dx + offset, S, constants[c],
                            constants[C + c], constants[2 * C + c], constants[3 * C + c],
-                           training, stream)
+                           training, stream, work)
 
 
 cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
                        data_t* dx, const double* stats, const param_t* weight,
                        bint training, double* grads, floating* constants, Py_ssize_t N,
-                       Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream) noexcept nogil:
+                       Py_ssize_t C, Py_ssize_t S, int n_threads, bint stream,
+                       float* work) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (backward_channel_block).
     # Otherwise partial sums are computed in parallel in memory order, added per channel
     # in a fixed order, and dx is written in a second pass.
@@ -162,7 +170,8 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
                         use_threads_if=n_threads > 1):
             backward_channel_block(dy, y, x, g, dx, stats, weight, training, grads,
                                    constants, N, C, S, b * per_block,
-                                   min(C, (b + 1) * per_block), stream)
+                                   min(C, (b + 1) * per_block), stream,
+                                   thread_work(work, n_threads))
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -175,7 +184,8 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
         slot = split_item_slot(u, N, C, chunks)
         chunk_grad_sums(dy, y, x, g, split_item_offset(u, S, chunks),
                         chunk_length(S, u % chunks), stats[split_item_channel(u, C, chunks)],
-                        &partials[slot], &partials[C * units + slot])
+                        &partials[slot], &partials[C * units + slot],
+                        thread_work(work, n_threads))
     for c in range(C):
         sum_dy = ordered_sum(partials + c * units, units, 1)
         sum_dy_xmu = ordered_sum(partials + C * units + c * units, units, 1)
@@ -187,7 +197,8 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
                     use_threads_if=n_threads > 1):
         c = u % C
         input_grad_run(grad + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
-                       constants[2 * C + c], constants[3 * C + c], training, stream)
+                       constants[2 * C + c], constants[3 * C + c], training, stream,
+                       thread_work(work, n_threads))
     free(partials)
     return 0
 
@@ -197,7 +208,7 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
 cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
                        data_t* dx, const double* stats, const param_t* weight,
                        bint training, double* grads, floating* constants, Py_ssize_t R,
-                       Py_ssize_t C, int n_threads, bint stream) noexcept nogil:
+                       Py_ssize_t C, int n_threads, bint stream, float* work) noexcept nogil:
     # Per-block sums of all channels (vectorized over C), summed per channel in block
     # order, then a pass writing dx.  DRAM: dy and x read twice (x once in eval mode),
     # dx written once.
@@ -213,7 +224,8 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
-                        partials + b * C, partials + (blocks + b) * C)
+                        partials + b * C, partials + (blocks + b) * C,
+                        thread_work(work, n_threads))
     for c in prange(C, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         sum_dy = ordered_sum(partials + c, blocks, C)
@@ -227,11 +239,13 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
         if training:
             rows_input_grad(grad + b * rows * C, x + b * rows * C, dx + b * rows * C,
                             block_rows(R, rows, b), C, constants, constants + C,
-                            constants + 2 * C, constants + 3 * C, stream)
+                            constants + 2 * C, constants + 3 * C, stream,
+                            thread_work(work, n_threads))
         else:
             # dx = (dy - 0) * k + 0: mean_hi and b are zero in eval mode; x is not read.
             rows_normalize(grad + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
-                           constants + 2 * C, constants, constants + 3 * C, stream)
+                           constants + 2 * C, constants, constants + 3 * C, stream,
+                           thread_work(work, n_threads))
     free(partials)
     return 0
 
@@ -240,12 +254,12 @@ cdef inline int backward_any(const data_t* dy, const data_t* y, const data_t* x,
                              data_t* g, data_t* dx, const double* stats,
                              const param_t* weight, bint training, double* grads,
                              floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             int n_threads, bint stream) noexcept nogil:
+                             int n_threads, bint stream, float* work) noexcept nogil:
     if S == 1:
         return backward_nhwc(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C,
-                             n_threads, stream)
+                             n_threads, stream, work)
     return backward_nchw(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C, S,
-                         n_threads, stream)
+                         n_threads, stream, work)
 
 
 def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ssize_t C,
@@ -298,33 +312,40 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     cdef int status = UNSUPPORTED_TYPES
     # Per-channel constants in the compute type (at most a double each).
     cdef void* pc = malloc(4 * C * sizeof(double))
-    if pc == NULL:
+    # Each thread's scratch (half-precision tiles, the streaming buffer), before any
+    # parallel region.
+    cdef bint needs_work = stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+    cdef float* work = new_work(n_threads) if needs_work else NULL
+    if pc == NULL or (needs_work and work == NULL):
+        free(pc)
+        free(work)
         raise MemoryError("cpubn: could not allocate kernel scratch")
     with nogil:
         if kind == DATA_FLOAT32 and param32:
             status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
                                   <float*>pdx, ps, <float*>pw, training, pgr, <float*>pc, N,
-                                  C, S, n_threads, stream)
+                                  C, S, n_threads, stream, work)
         elif kind == DATA_FLOAT32:
             status = backward_any(<float*>pdy, <float*>py, <float*>px, <float*>pg,
                                   <float*>pdx, ps, <double*>pw, training, pgr, <float*>pc, N,
-                                  C, S, n_threads, stream)
+                                  C, S, n_threads, stream, work)
         elif kind == DATA_FLOAT64 and param32:
             status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
                                   <double*>pdx, ps, <float*>pw, training, pgr, <double*>pc, N,
-                                  C, S, n_threads, stream)
+                                  C, S, n_threads, stream, work)
         elif kind == DATA_FLOAT64:
             status = backward_any(<double*>pdy, <double*>py, <double*>px, <double*>pg,
                                   <double*>pdx, ps, <double*>pw, training, pgr, <double*>pc,
-                                  N, C, S, n_threads, stream)
+                                  N, C, S, n_threads, stream, work)
         elif kind == DATA_FLOAT16 and param32:
             status = backward_any(<cpubn_half*>pdy, <cpubn_half*>py, <cpubn_half*>px,
                                   <cpubn_half*>pg, <cpubn_half*>pdx, ps, <float*>pw, training,
-                                  pgr, <float*>pc, N, C, S, n_threads, stream)
+                                  pgr, <float*>pc, N, C, S, n_threads, stream, work)
         elif kind == DATA_BFLOAT16 and param32:
             status = backward_any(<cpubn_bfloat16*>pdy, <cpubn_bfloat16*>py,
                                   <cpubn_bfloat16*>px, <cpubn_bfloat16*>pg,
                                   <cpubn_bfloat16*>pdx, ps, <float*>pw, training, pgr,
-                                  <float*>pc, N, C, S, n_threads, stream)
+                                  <float*>pc, N, C, S, n_threads, stream, work)
     free(pc)
+    free(work)
     check_status(status)

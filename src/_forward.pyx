@@ -26,8 +26,9 @@ from libc.stdlib cimport free, malloc
 cimport numpy as cnp
 
 from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half,
-                       cpubn_half_conversions, data_t, floating, rows_mean_m2,
-                       rows_normalize_act, run_mean_m2, run_normalize_act, shifted)
+                       cpubn_half_conversions, cpubn_half_init, data_t, floating, new_work,
+                       rows_mean_m2, rows_normalize_act, run_mean_m2, run_normalize_act,
+                       shifted, thread_work)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
                      OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_dims, check_no_overlap,
                      check_params, check_status, checked_array, data_kind, data_of, gamma_of,
@@ -37,6 +38,7 @@ from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count,
                         split_item_offset, split_item_slot)
 
 cnp.import_array()
+cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
 
 
 cdef inline void normalize_constants(double mean, double invstd, double gamma, double beta,
@@ -67,13 +69,14 @@ cdef void train_channel_block(const data_t* x, const data_t* r, data_t* y,
                               const param_t* weight, const param_t* bias, double eps,
                               double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C,
                               Py_ssize_t S, Py_ssize_t c0, Py_ssize_t c1, bint relu,
-                              bint stream) noexcept nogil:
+                              bint stream, float* work) noexcept nogil:
     # Channels c0 <= c < c1, all batch items: statistics, then normalization while the
     # block's slab is still in L2, so DRAM sees x read once and y written once.  Each
     # channel merges its partials (one per run chunk) in (n, chunk) order, the order the
     # split path of train_nchw uses too: both give identical bits.  (Interleaving the next
     # block's reads with this block's writes was tried: no gain at 1 or 2 threads.)
     # constants: the call's mean_hi[C], scale[C], shift[C]; the block fills its channels.
+    # work: this thread's scratch (thread_work).
     cdef double count[MAX_CHANNEL_BLOCK]
     cdef double mean[MAX_CHANNEL_BLOCK]
     cdef double m2[MAX_CHANNEL_BLOCK]
@@ -88,7 +91,7 @@ cdef void train_channel_block(const data_t* x, const data_t* r, data_t* y,
             for k in range(chunks_per_run(S)):
                 length = chunk_length(S, k)
                 run_mean_m2(x + (n * C + c0 + j) * S + k * RUN_CHUNK, length,
-                            &part_mean, &part_m2)
+                            &part_mean, &part_m2, work)
                 chan_merge(&count[j], &mean[j], &m2[j], <double>length, part_mean, part_m2)
     for j in range(width):
         store_channel(mean[j], m2[j], count[j], eps, c0 + j, C, stats)
@@ -99,25 +102,29 @@ cdef void train_channel_block(const data_t* x, const data_t* r, data_t* y,
         for j in range(width):
             run_normalize_act(x + (n * C + c0 + j) * S, shifted(r, (n * C + c0 + j) * S),
                               y + (n * C + c0 + j) * S, S, constants[c0 + j],
-                              constants[C + c0 + j], constants[2 * C + c0 + j], relu, stream)
+                              constants[C + c0 + j], constants[2 * C + c0 + j], relu, stream,
+                              work)
 
 
 cdef void normalize_runs_nchw(const data_t* x, const data_t* r, data_t* y, Py_ssize_t N,
                               Py_ssize_t C, Py_ssize_t S, const floating* constants,
-                              int n_threads, bint relu, bint stream) noexcept nogil:
-    # constants: mean_hi[C], scale[C], shift[C] back to back.
+                              int n_threads, bint relu, bint stream,
+                              float* work) noexcept nogil:
+    # constants: mean_hi[C], scale[C], shift[C] back to back; work: the call's scratch
+    # (new_work), of which each thread takes its own slice.
     cdef Py_ssize_t run, c
     for run in prange(N * C, schedule='dynamic', num_threads=n_threads,
                       use_threads_if=n_threads > 1):
         c = run % C
         run_normalize_act(x + run * S, shifted(r, run * S), y + run * S, S, constants[c],
-                          constants[C + c], constants[2 * C + c], relu, stream)
+                          constants[C + c], constants[2 * C + c], relu, stream,
+                          thread_work(work, n_threads))
 
 
 cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, floating* constants,
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
-                    bint stream) noexcept nogil:
+                    bint stream, float* work) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (train_channel_block).
     # Otherwise (few channels) the partials are computed in parallel in memory order,
     # merged per channel, and y is written in a second pass.
@@ -133,7 +140,8 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
         for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             train_channel_block(x, r, y, weight, bias, eps, stats, constants, N, C, S,
-                                b * per_block, min(C, (b + 1) * per_block), relu, stream)
+                                b * per_block, min(C, (b + 1) * per_block), relu, stream,
+                                thread_work(work, n_threads))
         return 0
 
     partials = <double*>malloc(2 * C * units * sizeof(double))
@@ -145,7 +153,7 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
                     use_threads_if=n_threads > 1):
         slot = split_item_slot(u, N, C, chunks)
         run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
-                    &partials[slot], &partials[C * units + slot])
+                    &partials[slot], &partials[C * units + slot], thread_work(work, n_threads))
     for c in range(C):
         count = 0.0
         mean = 0.0
@@ -156,7 +164,7 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
         store_channel(mean, m2, count, eps, c, C, stats)
         normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
+    normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream, work)
     free(partials)
     return 0
 
@@ -165,19 +173,19 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
 
 cdef void normalize_blocks_nhwc(const data_t* x, const data_t* r, data_t* y, Py_ssize_t R,
                                 Py_ssize_t C, const floating* constants, int n_threads,
-                                bint relu, bint stream) noexcept nogil:
+                                bint relu, bint stream, float* work) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
     for b in prange(block_count(R, rows), schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
                            block_rows(R, rows, b), C, constants, constants + C,
-                           constants + 2 * C, relu, stream)
+                           constants + 2 * C, relu, stream, thread_work(work, n_threads))
 
 
 cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* weight,
                     const param_t* bias, double eps, double* stats, floating* constants,
                     Py_ssize_t R, Py_ssize_t C, int n_threads, bint relu,
-                    bint stream) noexcept nogil:
+                    bint stream, float* work) noexcept nogil:
     # Per-block statistics of all channels at once (the channel loop is the vector loop),
     # combined per channel in block order, then a normalization pass.  DRAM traffic: x
     # read twice, y written once.
@@ -196,7 +204,8 @@ cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* 
     for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C)
+                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
+                     thread_work(work, n_threads))
     for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
@@ -206,7 +215,7 @@ cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* 
         store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
         normalize_constants(combined[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_blocks_nhwc(x, r, y, R, C, constants, n_threads, relu, stream)
+    normalize_blocks_nhwc(x, r, y, R, C, constants, n_threads, relu, stream, work)
     free(partials)
     return 0
 
@@ -216,7 +225,7 @@ cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* 
 cdef int eval_any(const data_t* x, const data_t* r, data_t* y, const param_t* mean,
                   const param_t* var, const param_t* weight, const param_t* bias, double eps,
                   double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                  int n_threads, bint relu, bint stream) noexcept nogil:
+                  int n_threads, bint relu, bint stream, float* work) noexcept nogil:
     # One pass over the data: x read once, y written once.
     cdef Py_ssize_t c
     for c in range(C):
@@ -225,21 +234,22 @@ cdef int eval_any(const data_t* x, const data_t* r, data_t* y, const param_t* me
         normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     if S == 1:
-        normalize_blocks_nhwc(x, r, y, N, C, constants, n_threads, relu, stream)
+        normalize_blocks_nhwc(x, r, y, N, C, constants, n_threads, relu, stream, work)
     else:
-        normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream)
+        normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream, work)
     return 0
 
 
 cdef inline int train_any(const data_t* x, const data_t* r, data_t* y,
                           const param_t* weight, const param_t* bias, double eps,
                           double* stats, floating* constants, Py_ssize_t N, Py_ssize_t C,
-                          Py_ssize_t S, int n_threads, bint relu, bint stream) noexcept nogil:
+                          Py_ssize_t S, int n_threads, bint relu, bint stream,
+                          float* work) noexcept nogil:
     if S == 1:
         return train_nhwc(x, r, y, weight, bias, eps, stats, constants, N, C, n_threads,
-                          relu, stream)
+                          relu, stream, work)
     return train_nchw(x, r, y, weight, bias, eps, stats, constants, N, C, S, n_threads, relu,
-                      stream)
+                      stream, work)
 
 
 # ---------------------------------------------------------------- entry points
@@ -281,31 +291,38 @@ def forward_train(x, y, weight, bias, double eps, stats, Py_ssize_t N, Py_ssize_
     cdef int status = UNSUPPORTED_TYPES
     # Per-channel constants in the compute type (at most a double each).
     cdef void* pc = malloc(3 * C * sizeof(double))
-    if pc == NULL:
+    # Each thread's scratch (half-precision tiles, the streaming buffer), before any
+    # parallel region.
+    cdef bint needs_work = stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+    cdef float* work = new_work(n_threads) if needs_work else NULL
+    if pc == NULL or (needs_work and work == NULL):
+        free(pc)
+        free(work)
         raise MemoryError("cpubn: could not allocate kernel scratch")
     with nogil:
         if kind == DATA_FLOAT32 and param32:
             status = train_any(<float*>px, <float*>pr, <float*>py, <float*>pw, <float*>pb,
-                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream)
+                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream, work)
         elif kind == DATA_FLOAT32:
             status = train_any(<float*>px, <float*>pr, <float*>py, <double*>pw, <double*>pb,
-                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream)
+                               eps, ps, <float*>pc, N, C, S, n_threads, relu, stream, work)
         elif kind == DATA_FLOAT64 and param32:
             status = train_any(<double*>px, <double*>pr, <double*>py, <float*>pw, <float*>pb,
-                               eps, ps, <double*>pc, N, C, S, n_threads, relu, stream)
+                               eps, ps, <double*>pc, N, C, S, n_threads, relu, stream, work)
         elif kind == DATA_FLOAT64:
             status = train_any(<double*>px, <double*>pr, <double*>py, <double*>pw,
                                <double*>pb, eps, ps, <double*>pc, N, C, S, n_threads, relu,
-                               stream)
+                               stream, work)
         elif kind == DATA_FLOAT16 and param32:
             status = train_any(<cpubn_half*>px, <cpubn_half*>pr, <cpubn_half*>py, <float*>pw,
                                <float*>pb, eps, ps, <float*>pc, N, C, S, n_threads, relu,
-                               stream)
+                               stream, work)
         elif kind == DATA_BFLOAT16 and param32:
             status = train_any(<cpubn_bfloat16*>px, <cpubn_bfloat16*>pr, <cpubn_bfloat16*>py,
                                <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C, S,
-                               n_threads, relu, stream)
+                               n_threads, relu, stream, work)
     free(pc)
+    free(work)
     check_status(status)
 
 
@@ -330,34 +347,41 @@ def forward_eval(x, y, mean, var, weight, bias, double eps, stats, Py_ssize_t N,
     cdef double* ps = <double*>data_of(stats)
     cdef int status = UNSUPPORTED_TYPES
     cdef void* pc = malloc(3 * C * sizeof(double))
-    if pc == NULL:
+    # Each thread's scratch (half-precision tiles, the streaming buffer), before any
+    # parallel region.
+    cdef bint needs_work = stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+    cdef float* work = new_work(n_threads) if needs_work else NULL
+    if pc == NULL or (needs_work and work == NULL):
+        free(pc)
+        free(work)
         raise MemoryError("cpubn: could not allocate kernel scratch")
     with nogil:
         if kind == DATA_FLOAT32 and param32:
             status = eval_any(<float*>px, <float*>pr, <float*>py, <float*>pm, <float*>pv,
                               <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C, S,
-                              n_threads, relu, stream)
+                              n_threads, relu, stream, work)
         elif kind == DATA_FLOAT32:
             status = eval_any(<float*>px, <float*>pr, <float*>py, <double*>pm, <double*>pv,
                               <double*>pw, <double*>pb, eps, ps, <float*>pc, N, C, S,
-                              n_threads, relu, stream)
+                              n_threads, relu, stream, work)
         elif kind == DATA_FLOAT64 and param32:
             status = eval_any(<double*>px, <double*>pr, <double*>py, <float*>pm, <float*>pv,
                               <float*>pw, <float*>pb, eps, ps, <double*>pc, N, C, S,
-                              n_threads, relu, stream)
+                              n_threads, relu, stream, work)
         elif kind == DATA_FLOAT64:
             status = eval_any(<double*>px, <double*>pr, <double*>py, <double*>pm,
                               <double*>pv, <double*>pw, <double*>pb, eps, ps, <double*>pc, N,
-                              C, S, n_threads, relu, stream)
+                              C, S, n_threads, relu, stream, work)
         elif kind == DATA_FLOAT16 and param32:
             status = eval_any(<cpubn_half*>px, <cpubn_half*>pr, <cpubn_half*>py, <float*>pm,
                               <float*>pv, <float*>pw, <float*>pb, eps, ps, <float*>pc, N, C,
-                              S, n_threads, relu, stream)
+                              S, n_threads, relu, stream, work)
         elif kind == DATA_BFLOAT16 and param32:
             status = eval_any(<cpubn_bfloat16*>px, <cpubn_bfloat16*>pr, <cpubn_bfloat16*>py,
                               <float*>pm, <float*>pv, <float*>pw, <float*>pb, eps, ps,
-                              <float*>pc, N, C, S, n_threads, relu, stream)
+                              <float*>pc, N, C, S, n_threads, relu, stream, work)
     free(pc)
+    free(work)
     check_status(status)
 
 
@@ -378,7 +402,7 @@ def half_conversions():
 # could call these functions; they are left untouched while the loop layer is rewritten.)
 
 cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py_ssize_t C,
-                    Py_ssize_t S, int n_threads) noexcept nogil:
+                    Py_ssize_t S, int n_threads, float* work) noexcept nogil:
     # train_nchw's split path without its normalization pass: one partial per run chunk,
     # computed in memory order in parallel, merged per channel in (n, chunk) order.
     cdef Py_ssize_t chunks = chunks_per_run(S)
@@ -392,7 +416,7 @@ cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py
                     use_threads_if=n_threads > 1):
         slot = split_item_slot(u, N, C, chunks)
         run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
-                    &partials[slot], &partials[C * units + slot])
+                    &partials[slot], &partials[C * units + slot], thread_work(work, n_threads))
     for c in range(C):
         count = 0.0
         mean = 0.0
@@ -406,7 +430,7 @@ cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py
 
 
 cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py_ssize_t C,
-                    int n_threads) noexcept nogil:
+                    int n_threads, float* work) noexcept nogil:
     # train_nhwc's statistics: per-block partials of all channels, combined in block order.
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
@@ -420,7 +444,8 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C)
+                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
+                     thread_work(work, n_threads))
     for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1 and blocks * C > 65536):
         combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
@@ -433,10 +458,11 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
 
 
 cdef inline int stats_any(const data_t* x, double eps, double* stats, Py_ssize_t N,
-                          Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+                          Py_ssize_t C, Py_ssize_t S, int n_threads,
+                          float* work) noexcept nogil:
     if S == 1:
-        return stats_nhwc(x, eps, stats, N, C, n_threads)
-    return stats_nchw(x, eps, stats, N, C, S, n_threads)
+        return stats_nhwc(x, eps, stats, N, C, n_threads, work)
+    return stats_nchw(x, eps, stats, N, C, S, n_threads, work)
 
 
 def batch_stats(x, double eps, stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -453,13 +479,19 @@ def batch_stats(x, double eps, stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* px = data_of(x)
     cdef double* ps = <double*>data_of(stats)
     cdef int status = UNSUPPORTED_TYPES
+    # Half-precision tiles: each thread's scratch, allocated before the parallel regions.
+    cdef bint needs_work = kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+    cdef float* work = new_work(n_threads) if needs_work else NULL
+    if needs_work and work == NULL:
+        raise MemoryError("cpubn: could not allocate kernel scratch")
     with nogil:
         if kind == DATA_FLOAT32:
-            status = stats_any(<float*>px, eps, ps, N, C, S, n_threads)
+            status = stats_any(<float*>px, eps, ps, N, C, S, n_threads, work)
         elif kind == DATA_FLOAT64:
-            status = stats_any(<double*>px, eps, ps, N, C, S, n_threads)
+            status = stats_any(<double*>px, eps, ps, N, C, S, n_threads, work)
         elif kind == DATA_FLOAT16:
-            status = stats_any(<cpubn_half*>px, eps, ps, N, C, S, n_threads)
+            status = stats_any(<cpubn_half*>px, eps, ps, N, C, S, n_threads, work)
         elif kind == DATA_BFLOAT16:
-            status = stats_any(<cpubn_bfloat16*>px, eps, ps, N, C, S, n_threads)
+            status = stats_any(<cpubn_bfloat16*>px, eps, ps, N, C, S, n_threads, work)
+    free(work)
     check_status(status)

@@ -8,13 +8,18 @@
  * clone performs the same floating-point operations in the same order: results do not
  * depend on the instruction set (the build also disables FMA contraction).
  *
+ * Generated from one table: bn_loops_table.py lists the data types and the loops that
+ * the Cython kernels call; setup.py renders bn_loops_float.h.tp (float32 and float64
+ * data), bn_loops_half_loops.h.tp (float16 and bfloat16) and bn_loops.pxd.tp (the Cython
+ * declarations and fused-type dispatchers) from it.  Every instance's name is spelled
+ * out in the generated files (run_mean_m2_f32, ..., run_mean_m2_bf16).
+ *
  * Two layouts, two families:
  *   run_*  : one contiguous run of one channel (channels-first: x[n, c, 0:S]).
  *   rows_* : a block of rows of a (rows, C) matrix, per-channel work vectorized over C
  *            (channels-last).
- * All reductions accumulate in double.  The templated bodies live in bn_loops_impl.h
- * (float, double) and bn_loops_half_impl.h (half precision: computed in float, with
- * float per-channel constants, and rounded once when stored: PyTorch's "mixed type").
+ * All reductions accumulate in double.  Half precision is computed in float, with float
+ * per-channel constants, and rounded once when stored (PyTorch's "mixed type").
  */
 #ifndef CPUBN_BN_LOOPS_H
 #define CPUBN_BN_LOOPS_H
@@ -75,8 +80,41 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 }
 #endif
 
-/* Bytes computed into an L1-resident buffer before each streaming copy. */
+/* Bytes computed into an L1-resident buffer (the thread's `work`) before each streaming
+ * copy; runs shorter than CPUBN_STREAM_MIN_BYTES are written with ordinary stores. */
 #define CPUBN_STREAM_BUFFER 8192
+#define CPUBN_STREAM_MIN_BYTES 4096
+
+/* Short runs (small feature maps such as 7x7) would spend more time folding 32
+ * accumulators than adding their elements: they use 8.  The choice depends on the run
+ * length alone, i.e. on the shape, never on the thread count. */
+#define CPUBN_SHORT_RUN 256
+
+/* Float data sums groups of this many iterations (rows) in float before double. */
+#define CPUBN_GROUP 8
+
+/* Half-precision tiles, in values: element-wise loops and channels-last reductions use
+ * CPUBN_HALF_TILE; channels-first reductions a whole chunk of a run, the kernels'
+ * RUN_CHUNK (partition.pxd takes it from here), so that a chunk is one call of the float32
+ * loop and its result is bitwise that of float32 data. */
+#define CPUBN_HALF_TILE 2048
+#define CPUBN_RUN_CHUNK 16384
+#define CPUBN_HALF_RUN_TILE CPUBN_RUN_CHUNK
+
+/* Per-thread scratch of the loops (`float *work`), in floats: what the largest user,
+ * run_masked_grad_sums of half-precision data, takes (two reduction tiles and a mask
+ * tile).  The kernels allocate it on the heap for each thread before a parallel region
+ * (cpubn_work_floats() tells them the size): worker threads' stacks stay small. */
+#define CPUBN_WORK_FLOATS (2 * CPUBN_HALF_RUN_TILE + CPUBN_HALF_TILE)
+
+static inline ptrdiff_t cpubn_work_floats(void) { return CPUBN_WORK_FLOATS; }
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(CPUBN_STREAM_BUFFER <= CPUBN_WORK_FLOATS * sizeof(float),
+               "the streaming buffer lives in the thread's work");
+_Static_assert(4 * CPUBN_HALF_TILE <= CPUBN_WORK_FLOATS,
+               "element-wise half loops take up to four tiles of work");
+#endif
 
 /* Half-precision storage.  Structs rather than bare uint16_t so that the two formats are
  * distinct types (the Cython layer dispatches on them) and never mistaken for integers. */
@@ -160,24 +198,25 @@ CPUBN_INLINE cpubn_bfloat16 cpubn_bfloat16_from_float(float f)
     return b;
 }
 
-#define CPUBN_CAT_(a, b) a##b
-#define CPUBN_CAT(a, b) CPUBN_CAT_(a, b)
+/* Called by the generated dispatchers of bn_loops.pxd in the fused-type pairings that
+ * have no loops (e.g. half-precision data with double constants), which no kernel should
+ * ever use.  In an optimized GCC build a call that survives dead-code elimination is a
+ * compile-time error; elsewhere it aborts, loudly, rather than do nothing. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__OPTIMIZE__)
+extern void cpubn_invalid_type_pair(void)
+    __attribute__((error("cpubn: a kernel uses a data / compute type pair that has no loops")));
+#else
+#include <stdio.h>
+#include <stdlib.h>
+static void cpubn_invalid_type_pair(void)
+{
+    fputs("cpubn: a kernel used a data / compute type pair that has no loops\n", stderr);
+    abort();
+}
+#endif
 
-#define T float
-#define SUFFIX _f32
-#define CPUBN_FLOAT_DATA 1
-#include "bn_loops_impl.h"
-#undef T
-#undef SUFFIX
-#undef CPUBN_FLOAT_DATA
-
-#define T double
-#define SUFFIX _f64
-#define CPUBN_FLOAT_DATA 0
-#include "bn_loops_impl.h"
-#undef T
-#undef SUFFIX
-#undef CPUBN_FLOAT_DATA
+/* The float32 and float64 loops (generated from bn_loops_float.h.tp). */
+#include "bn_loops_float.h"
 
 /* Chan et al. merge of a partial (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
  * Stable for any offset: it only ever combines deviations from means.  An infinite

@@ -1,5 +1,5 @@
-/* The loops of bn_loops.h for half-precision data: float16 (suffix _f16) and bfloat16
- * (suffix _bf16), staged through float tiles.
+/* Half-precision support of bn_loops.h: the conversions, and the loops for float16
+ * (suffix _f16) and bfloat16 (suffix _bf16) data, staged through float tiles.
  *
  * Why not the float template with conversions inlined: compilers vectorize the portable
  * bit-manipulation conversions (cpubn_half_to_float and friends in bn_loops.h) poorly when
@@ -16,36 +16,34 @@
  *
  * Tiles are contiguous: a run is cut into pieces of CPUBN_HALF_TILE (CPUBN_HALF_RUN_TILE
  * for reductions); a block of channels-last rows into groups of whole rows when
- * C <= CPUBN_HALF_TILE, else into pieces of one row.  Outputs are written with ordinary
- * stores (the _stream variants are the plain loops): a half-precision output is half the
- * bytes of the float32 one that the streaming threshold was chosen for.
+ * C <= CPUBN_HALF_TILE, else into pieces of one row.  Tiles live in the calling
+ * thread's heap scratch (`work`), never on an OpenMP worker's stack.  Outputs are written
+ * with ordinary stores (`stream` is ignored): a half-precision output is half the bytes
+ * of the float32 one that the streaming threshold was chosen for.
  */
 #ifndef CPUBN_BN_LOOPS_HALF_H
 #define CPUBN_BN_LOOPS_HALF_H
 
 #include <stdlib.h>
 
-#define CPUBN_HALF_TILE 2048
-/* Channels-first reductions: a whole chunk of a run (partition.pxd's RUN_CHUNK) per tile. */
-#define CPUBN_HALF_RUN_TILE 16384
+/* Whether this CPU has the 8-wide conversions of a format ([0]: float16, [1]: bfloat16).
+ * Written only by cpubn_half_init, which each kernel module calls once when it is
+ * imported (under the GIL, never inside a parallel region); the loops only read it.
+ * Until then, and with CPUBN_PORTABLE_HALF=1 in the environment, 0: the portable code. */
+static int cpubn_half_vectors[2];
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define CPUBN_HALF_VECTORS 1
 
-/* Whether this CPU has the 8-wide conversions of one format (cached; a benign race, every
- * thread stores the same value). */
-static int cpubn_half_vectors_ok(int bfloat16)
+static void cpubn_half_init(void)
 {
-    static int known[2] = {-1, -1};
-    if (known[bfloat16] < 0) {
-        const char *portable = getenv("CPUBN_PORTABLE_HALF");
-        __builtin_cpu_init();
-        known[bfloat16] = (portable == NULL || portable[0] == '\0' || portable[0] == '0')
-            && (bfloat16 ? __builtin_cpu_supports("avx2")
-                         : __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"));
-    }
-    return known[bfloat16];
+    const char *portable = getenv("CPUBN_PORTABLE_HALF");
+    int allowed = portable == NULL || portable[0] == '\0' || portable[0] == '0';
+    __builtin_cpu_init();
+    cpubn_half_vectors[0] = allowed && __builtin_cpu_supports("avx")
+                            && __builtin_cpu_supports("f16c");
+    cpubn_half_vectors[1] = allowed && __builtin_cpu_supports("avx2");
 }
 
 static inline cpubn_half cpubn_half_from_bits(unsigned short bits)
@@ -73,42 +71,30 @@ static inline void cpubn_bf16_store8(cpubn_bfloat16 *p, __m256 v)
     _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits),
                                                     _mm256_extracti128_si256(bits, 1)));
 }
+#else
+static void cpubn_half_init(void) {}
 #endif
 
 /* The conversions this process uses ("F16C", "AVX2" or "portable"), for python -m cpubn info. */
 static const char *cpubn_half_conversions(int bfloat16)
 {
 #ifdef CPUBN_HALF_VECTORS
-    if (cpubn_half_vectors_ok(bfloat16))
+    if (cpubn_half_vectors[bfloat16 ? 1 : 0])
         return bfloat16 ? "AVX2" : "F16C";
 #endif
     (void)bfloat16;
     return "portable";
 }
 
-#define T cpubn_half
-#define SUFFIX _f16
-#define TO_FLOAT cpubn_half_to_float
-#define FROM_FLOAT cpubn_half_from_float
-#define VECTOR_TARGET "avx,f16c"
-#define LOAD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#define STORE8(p, v) \
+/* float16: F16C.  bfloat16: AVX2 (CPUBN_BF16_LOAD8 / cpubn_bf16_store8 above); its scalar
+ * conversions are a shift and a rounding, cheap already. */
+#define CPUBN_F16_LOAD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define CPUBN_F16_STORE8(p, v) \
     _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
-#define SCALAR_TO_FLOAT(h) _cvtsh_ss((h).bits)
-#define SCALAR_FROM_FLOAT(f) cpubn_half_from_bits(_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT))
-#define VECTOR_OK cpubn_half_vectors_ok(0)
-#include "bn_loops_half_impl.h"
+#define CPUBN_F16_SCALAR_TO_FLOAT(h) _cvtsh_ss((h).bits)
+#define CPUBN_F16_SCALAR_FROM_FLOAT(f) cpubn_half_from_bits(_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT))
 
-#define T cpubn_bfloat16
-#define SUFFIX _bf16
-#define TO_FLOAT cpubn_bfloat16_to_float
-#define FROM_FLOAT cpubn_bfloat16_from_float
-#define VECTOR_TARGET "avx2"
-#define LOAD8 CPUBN_BF16_LOAD8
-#define STORE8 cpubn_bf16_store8
-#define SCALAR_TO_FLOAT cpubn_bfloat16_to_float          /* a shift: cheap already */
-#define SCALAR_FROM_FLOAT cpubn_bfloat16_from_float
-#define VECTOR_OK cpubn_half_vectors_ok(1)
-#include "bn_loops_half_impl.h"
+/* The loops (generated from bn_loops_half_loops.h.tp). */
+#include "bn_loops_half_loops.h"
 
 #endif

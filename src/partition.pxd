@@ -5,10 +5,14 @@
 # threads only decide who computes which partial, so every result is bitwise identical
 # whatever the number of threads.
 
-cdef enum:
+cdef extern from "bn_loops.h":
     # Channels-first: a run x[n, c, :] longer than this is reduced in chunks of this many
-    # elements (64 KiB of float32: the second pass of a chunk reads from L1/L2).
-    RUN_CHUNK = 16384
+    # elements (64 KiB of float32: the second pass of a chunk reads from L1/L2).  Defined
+    # in bn_loops.h, whose half-precision loops reduce a chunk as one tile.
+    enum: RUN_CHUNK "CPUBN_RUN_CHUNK"
+
+
+cdef enum:
     # Channels-last: a block of rows holds about this many elements (rows * C); 256 KiB of
     # float32, so the block's second pass reads from L2 and wide layers (C = 2048) still
     # get blocks of 32 rows rather than a flood of tiny partials to combine.
