@@ -335,3 +335,15 @@ def test_renorm_schedule():
                 dict(step=0, warmup_steps=10, rmax_steps=5), dict(step=0, dmax=float("inf"))):
         with pytest.raises(ValueError):
             cpubn.renorm_schedule(**bad)
+
+
+def test_files_of_other_layers_are_refused(tmp_path):
+    cpubn.BatchRenorm(3, rmax=2).save(tmp_path / "renorm")
+    cpubn.GhostBatchNorm(3, 4).save(tmp_path / "ghost")
+    cpubn.BatchNorm(3).save(tmp_path / "bn")
+    for cls, other in ((cpubn.BatchNorm, "renorm"), (cpubn.BatchRenorm, "ghost"),
+                       (cpubn.BatchRenorm, "bn"), (cpubn.GhostBatchNorm, "renorm")):
+        with pytest.raises(ValueError, match="holds a"):
+            cls.load(tmp_path / f"{other}.npz")
+    assert cpubn.GhostBatchNorm.load(tmp_path / "ghost.npz").ghost_batch_size == 4
+    assert cpubn.BatchRenorm.load(tmp_path / "renorm.npz").rmax == 2.0
