@@ -2,9 +2,10 @@
 
 Each training step is exactly a single-process BatchNorm on the concatenated global batch.
 The forward computes each process's per-channel (count, mean, biased variance) with the
-training kernel, exchanges them in one ``Allgather`` and merges them with Chan's formula
-in rank order (so every process computes bitwise the same global statistics), then
-normalizes with the eval kernel given the global float64 mean and variance.  The backward
+statistics-only kernel (the training kernel's statistics, bit for bit), exchanges them in
+one ``Allgather`` and merges them with Chan's formula in rank order (so every process
+computes bitwise the same global statistics), then normalizes with the eval kernel given
+the global float64 mean and variance.  The backward
 computes the local sums (Σ g, Σ g·x̂) with respect to those statistics (the eval-backward
 kernel, which also writes g·w·invstd), exchanges them in one ``Allgather``, and adds the
 statistics' part of dx, an affine function of x per channel, with the eval forward kernel.
@@ -287,17 +288,13 @@ class SyncBatchNorm(BatchNorm):
     def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
         if not self.training:                   # track_running_stats=False in eval: local
             return super()._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
-        channels = self.num_features
-        in_place = out is not None and np.may_share_memory(out, x)
-        # Local statistics from the training kernel, whose normalized output lands in the
-        # output buffer and is overwritten below (one extra pass over memory).
-        y, local = _dispatch.forward(x, axis, None, None, self.eps, None if in_place else out,
-                                     params_checked=True)
-        count = x.size // channels
-        total, mean, var = self._exchange_statistics(x, axis, count, local.mean,
-                                                     local.batch_var)
-        y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out if in_place else y,
-                                     mean, var, residual=residual, relu=relu)
+        # The local statistics (the training kernel's, bit for bit, without normalizing:
+        # one read of x), then one normalization pass with the global ones.
+        local = _dispatch.batch_statistics(x, axis, self.eps)
+        total, mean, var = self._exchange_statistics(x, axis, x.size // self.num_features,
+                                                     local.mean, local.batch_var)
+        y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out, mean, var,
+                                     residual=residual, relu=relu)
         saved.stats = np.concatenate((mean, saved.invstd, var))
         saved.batch_stats = True
         self._sync_saved, self._sync_count, self._sync_axis = saved, total, axis
