@@ -6,6 +6,7 @@ USAGE = """usage: python -m cpubn COMMAND [options]
 
 commands:
   bench    measure cpubn against the memory-bandwidth roofline, NumPy and PyTorch
+           ('bench --sync': SyncBatchNorm against BatchNorm under mpiexec -n 2)
   demo     train a NumPy network with and without BatchNorm (Ioffe & Szegedy 2015, Fig. 1);
            'demo --convnet': a small conv net in channels-first and channels-last layouts;
            'demo --small-batch': BatchRenorm, GhostBatchNorm and precise statistics on
