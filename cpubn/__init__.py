@@ -27,6 +27,9 @@ See BatchNorm (and LazyBatchNorm, SyncBatchNorm), batch_norm, batch_norm_forward
 batch_norm_backward (all take activation= and residual=), the inference folding helpers
 fold_into_linear / fold_into_conv / fold_into_following_linear, and the thread controls
 set_num_threads / get_num_threads / threads.
+
+Porting: BatchNorm.from_torch(module), load_state_dicts(layers, model.state_dict()) and
+BatchNorm.from_onnx(model, node_name) (cpubn imports neither torch nor onnx itself).
 """
 from ._ghost import GhostBatchNorm
 from ._lazy import LazyBatchNorm
@@ -37,6 +40,7 @@ from ._sync import SyncBatchNorm
 from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+from .porting import load_state_dicts, to_onnx_node
 
 __version__ = "0.1.0"
 
@@ -58,4 +62,6 @@ __all__ = [
     "fold_into_linear",
     "fold_into_conv",
     "fold_into_following_linear",
+    "load_state_dicts",
+    "to_onnx_node",
 ]

@@ -365,6 +365,19 @@ class BatchNorm:
             raise ValueError(f"{path}: invalid {cls.__name__} file: {exc}") from None
         return layer.train(training)
 
+    @classmethod
+    def from_torch(cls, module, axis=1, dtype=None, activation=None, **kwargs):
+        """A layer equal to a torch BatchNorm module: see cpubn.porting.from_torch."""
+        from .porting import from_torch
+        return from_torch(cls, module, axis, dtype, activation, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, model, node_name=None, axis=1, dtype=None, values=None,
+                  activation=None, **kwargs):
+        """A layer from an ONNX BatchNormalization node: see cpubn.porting.from_onnx."""
+        from .porting import from_onnx
+        return from_onnx(cls, model, node_name, axis, dtype, values, activation, **kwargs)
+
     def __repr__(self):
         activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
