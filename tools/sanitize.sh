@@ -5,7 +5,8 @@
 #
 #   bash tools/sanitize.sh [pytest args...]      (default: the whole tests/ folder)
 #
-# Needs gcc (or clang) with libasan/libubsan.  The venv goes to $CPUBN_SANITIZE_VENV
+# Needs gcc (or clang) with libasan/libubsan.  Installs the same extras as CI (.[test,mpi]).
+# The venv goes to $CPUBN_SANITIZE_VENV
 # (default: a .venv-sanitize folder in the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
 tar --exclude='./.venv*' --exclude=./build -cf - . | tar -xf - -C "$build"
 (cd "$build" && CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
-    CPUBN_FAIL_NO_OPENMP=1 pip install --force-reinstall --no-cache-dir ".[test]")
+    CPUBN_FAIL_NO_OPENMP=1 pip install --force-reinstall ".[test,mpi]")
 
 # Python itself is not instrumented: the ASan runtime must be loaded first.  Python's
 # own allocations are not tracked, so leak checking is off (tests/test_hardening.py
@@ -34,5 +35,5 @@ cd "$venv"                        # import the sanitized install, not the checko
 LD_PRELOAD="$runtime" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-PYTHONMALLOC=malloc \
+PYTHONMALLOC=malloc CPUBN_SANITIZED=1 \
     python -m pytest -q -p no:cacheprovider -x "${@:-$repo/tests}"
