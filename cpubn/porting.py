@@ -69,7 +69,8 @@ def from_torch(cls, module, axis=1, dtype=None, activation=None, **kwargs):
     if not isinstance(module, _BatchNorm):
         raise TypeError(f"from_torch needs a torch.nn.BatchNorm1d/2d/3d or SyncBatchNorm, "
                         f"got {type(module).__name__}")
-    if module.has_uninitialized_params() if hasattr(module, "has_uninitialized_params") else False:
+    uninitialized = getattr(module, "has_uninitialized_params", None)   # torch's Lazy*d
+    if uninitialized is not None and uninitialized():
         raise ValueError(f"{type(module).__name__} has not seen an input yet, so it has no "
                          f"num_features: run it once (or use cpubn.LazyBatchNorm)")
     state = {name: _to_numpy(value) for name, value in module.state_dict().items()}
