@@ -136,6 +136,10 @@ class SyncBatchNorm(BatchNorm):
     them in the same order and in the same mode; mismatched configurations, layers,
     dtypes or feature axes raise on every process, and so does an error in the input of
     any one process (that process raises its own error, the others a RuntimeError).
+
+    The backward writes a partial dx into a scratch array that is kept for the next call
+    (one per input shape and dtype, per thread): memory of one more input-sized array.
+    Half-precision data is differentiated in float32 and rounded once.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

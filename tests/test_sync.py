@@ -276,6 +276,14 @@ def test_state_repr_save_load(tmp_path, rng):
     for key, value in sync.state_dict().items():
         assert bitwise_equal(loaded.state_dict()[key], value)
     assert [p.shape for p, g in sync.parameters()] == [(4,), (4,)]
+    bn = cpubn.BatchNorm(4, axis=-1)
+    bn(make_x(rng, (6, 4), np.float32, -1))
+    bn.save(tmp_path / "bn.npz")
+    converted = cpubn.SyncBatchNorm.load(tmp_path / "bn.npz")
+    assert type(converted) is cpubn.SyncBatchNorm and converted.num_batches_tracked == 1
+    assert bitwise_equal(converted.running_var, bn.running_var)
+    with pytest.raises(ValueError, match="SyncBatchNorm.load"):
+        cpubn.BatchNorm.load(tmp_path / "sync.npz")
 
 
 @needs_mpi4py
