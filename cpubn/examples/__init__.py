@@ -23,6 +23,12 @@
     ``cpubn[mpi]`` too): each process takes a slice of every batch, and the run is
     compared with one process on the whole batch and with per-process ``BatchNorm``,
     ``mpiexec -n 4 python -m mpi4py -m cpubn.examples.data_parallel``.
+``cpubn.examples.port_torch``
+    A PyTorch CNN of three Conv-BN-ReLU blocks, trained a few steps, then run in NumPy
+    with its BatchNorms ported by ``cpubn.load_state_dicts`` (from the whole-model state
+    dict), ``BatchNorm.from_torch`` (fused with the ReLU) and folded into the
+    convolutions, in both layouts; eval logits against PyTorch's (needs torch):
+    ``python -m cpubn.examples.port_torch``.
 ``cpubn.examples.nn``
     The minimal NumPy layers both use (Linear, Conv2d via im2col, Sigmoid, ReLU, pooling,
     softmax cross-entropy) and the list-of-layers training helpers.
