@@ -215,6 +215,64 @@ static void cpubn_invalid_type_pair(void)
 }
 #endif
 
+/* The grouped-pivot sums: the one summation that every reduction of float data shares
+ * (the float32 loops' mean_m2_grouped, grad_sums_grouped and rows_mean_m2, and the
+ * half-precision rows_mean_m2, which must give the float32 bits).  `n` rows of `width`
+ * float columns (row r at a + r * width), all within one group of at most CPUBN_GROUP
+ * rows, are summed per column in float into the group sums `sum` and `sq`, which `first`
+ * resets before and `last` adds into the double accumulators `acc` and `acc_sq` after:
+ *   CPUBN_SUM_VALUES      sum += a                     (sq, acc_sq, pivot, b unused)
+ *   CPUBN_SUM_DEVIATIONS  d = a - pivot; sum += d; sq += d * d             (b unused)
+ *   CPUBN_SUM_GRADIENTS   sum += a; sq += a * (b - pivot)            (a: dy, b: x)
+ * A group's float sum of 8 values per column errs by a few float ulps of that sum; the
+ * pivots (per column: the first-pass mean rounded to float) make the deviations exact
+ * near the mean however large the offset (Sterbenz).  Callers cut groups at the same
+ * rows whatever else they do, so one that passes a group in pieces (the half-precision
+ * loop, as its tiles cut the rows) gets the bits of one that passes it whole.  `kind`
+ * is a literal at every call site: the helper is inlined and specialized. */
+enum { CPUBN_SUM_VALUES, CPUBN_SUM_DEVIATIONS, CPUBN_SUM_GRADIENTS };
+
+CPUBN_INLINE void grouped_pivot_sums(int kind, const float *a, const float *b, ptrdiff_t n,
+                                     ptrdiff_t width, const float *pivot, int first, int last,
+                                     float *sum, float *sq, double *acc, double *acc_sq)
+{
+    if (first) {
+        for (ptrdiff_t c = 0; c < width; c++) sum[c] = 0.0f;
+        if (kind != CPUBN_SUM_VALUES)
+            for (ptrdiff_t c = 0; c < width; c++) sq[c] = 0.0f;
+    }
+    for (ptrdiff_t r = 0; r < n; r++) {
+        const float *ar = a + r * width;
+        if (kind == CPUBN_SUM_VALUES) {
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < width; c++) sum[c] += ar[c];
+        } else if (kind == CPUBN_SUM_DEVIATIONS) {
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < width; c++) {
+                float d = ar[c] - pivot[c];
+                sum[c] += d;
+                sq[c] += d * d;
+            }
+        } else {
+            const float *br = b + r * width;
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < width; c++) {
+                float g = ar[c];
+                sum[c] += g;
+                sq[c] += g * (br[c] - pivot[c]);
+            }
+        }
+    }
+    if (last) {
+        CPUBN_SIMD
+        for (ptrdiff_t c = 0; c < width; c++) acc[c] += (double)sum[c];
+        if (kind != CPUBN_SUM_VALUES) {
+            CPUBN_SIMD
+            for (ptrdiff_t c = 0; c < width; c++) acc_sq[c] += (double)sq[c];
+        }
+    }
+}
+
 /* The float32 and float64 loops (generated from bn_loops_float.h.tp). */
 #include "bn_loops_float.h"
 
