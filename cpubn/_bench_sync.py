@@ -9,6 +9,7 @@ step waits for it), after a barrier; the report gives medians, the ratio sync / 
 the share of the sync step spent in its two collectives (2 x the bare Allgather).
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -61,9 +62,7 @@ def main(argv=None):
 
 
 def _relaunch(args, argv):
-    try:
-        import mpi4py  # noqa: F401  (not initialized here: only its presence is checked)
-    except ImportError:
+    if importlib.util.find_spec("mpi4py") is None:     # MPI is initialized in the children
         from ._sync import INSTALL_HINT
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 1
