@@ -89,13 +89,41 @@ def check_bool(value, name):
 def check_data(x, axis, num_features=None, name="input"):
     """Validate a data array; return (x as ndarray, non-negative axis)."""
     x = as_float_array(x, name)
+    if x.ndim == 1:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch and features), got "
+                         f"ndim=1 (shape {x.shape}); {_reshape_hint(x.shape[0], num_features)}")
     axis = normalize_axis(axis, x.ndim, name)
     if num_features is not None and x.shape[axis] != num_features:
         raise ValueError(f"{name} has {x.shape[axis]} features on axis {axis} "
-                         f"(shape {x.shape}), expected num_features={num_features}")
+                         f"(shape {x.shape}), expected num_features={num_features}"
+                         f"{_axis_hint(x.shape, axis, num_features)}")
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape})")
     return x, axis
+
+
+def _reshape_hint(length, num_features):
+    """How to make a 1-D array of `length` values into (batch, features) rows."""
+    one_sample = f"one sample of {length} features is x.reshape(1, -1)"
+    batch = f"a batch of {length} single values is x.reshape(-1, 1)"
+    if num_features == length:
+        return one_sample + " (eval mode: training needs more than one sample)"
+    if num_features == 1:
+        return batch
+    return f"{one_sample}, {batch}"
+
+
+def _axis_hint(shape, axis, num_features):
+    """The likely fix when another axis has num_features entries: the layer was built for
+    the other memory layout (channels-first vs channels-last)."""
+    last = len(shape) - 1
+    if axis != last and shape[last] == num_features:
+        return (": did you mean axis=-1? (channels-last data such as NHWC: "
+                f"BatchNorm({num_features}, axis=-1))")
+    if axis != 1 and shape[1] == num_features:
+        return (": did you mean axis=1? (channels-first data such as NCHW: "
+                f"BatchNorm({num_features}, axis=1), the default)")
+    return ""
 
 
 def check_batch_stats_possible(x, axis):
