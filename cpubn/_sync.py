@@ -239,6 +239,8 @@ class SyncBatchNorm(BatchNorm):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, out=None, *, residual=None):
+        """BatchNorm.forward, with the global batch's statistics in training mode (one
+        exchange over comm; every process must call it).  x may have zero samples."""
         if not self.training:                       # eval: no communication
             x = as_float_array(x)
             if x.size == 0:
@@ -331,6 +333,9 @@ class SyncBatchNorm(BatchNorm):
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy, out=None):
+        """BatchNorm.backward through the global batch's statistics after a training
+        forward (one exchange over comm; every process must call it); grad_weight and
+        grad_bias receive this process's contribution."""
         saved = self._saved
         if saved is None or saved is not self._sync_saved:
             if isinstance(saved, _EmptySlice):      # an eval forward on an empty slice
