@@ -165,3 +165,23 @@ def test_to_onnx_node_refuses_what_onnx_cannot_express():
         cpubn.to_onnx_node(cpubn.BatchNorm(3, axis=-1), "X", "Y")
     with pytest.raises(ValueError, match="activation"):
         cpubn.to_onnx_node(cpubn.BatchNorm(3, activation="relu"), "X", "Y")
+
+
+# The TorchScript exporter (dynamo=False) needs no onnxscript; it warns that it is legacy.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_pytorch_export_gives_the_layer_from_torch_gives(rng):
+    torch = pytest.importorskip("torch")
+    import io
+    module = torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.2)
+    with torch.no_grad():
+        module(torch.from_numpy(rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 2 + 1))
+    module.eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.zeros(2, 4, 3, 3),), buffer, dynamo=False,
+                      input_names=["X"], output_names=["Y"])
+    from_onnx = cpubn.BatchNorm.from_onnx(onnx.load_from_string(buffer.getvalue()))
+    from_torch = cpubn.BatchNorm.from_torch(module)
+    assert (from_onnx.eps, from_onnx.momentum) == (from_torch.eps, from_torch.momentum)
+    assert not from_onnx.training
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(from_onnx, key), getattr(from_torch, key))
