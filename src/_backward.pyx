@@ -36,7 +36,7 @@ from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OU
                      checked_array, data_kind, data_of, gamma_of, param_t)
 from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
                         channels_per_block, chunks_per_run, ordered_sum, rows_per_block,
-                        split_item_channel, split_item_offset, split_item_slot)
+                        split_item_channel, split_item_offset, split_item_slot, split_wave)
 
 cnp.import_array()
 cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
@@ -158,11 +158,12 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
     # in a fixed order, and dx is written in a second pass.
     cdef Py_ssize_t per_block = channels_per_block(S)
     cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
-    cdef Py_ssize_t b, c, u, slot
+    cdef Py_ssize_t b, c, u, slot, n0, nw, units
     cdef Py_ssize_t chunks = chunks_per_run(S)
-    cdef Py_ssize_t units = N * chunks
+    cdef Py_ssize_t wave = min(N, split_wave(C, chunks))    # batch items per wave
     cdef double sum_dy, sum_dy_xmu
     cdef double* partials
+    cdef double* sums
     cdef const data_t* grad = dy if g == NULL else g
 
     if blocks >= 2 * n_threads:
@@ -174,21 +175,37 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
                                    thread_work(work, n_threads))
         return 0
 
-    partials = <double*>malloc(2 * C * units * sizeof(double))
+    # A wave of batch items at a time (partition.pxd: split_wave), each wave's partials
+    # added into the running per-channel sums, partial after partial in (n, chunk) order,
+    # before the next: the same ordered sums, so the same bits, with scratch of at most
+    # SPLIT_WAVE_ITEMS items (or one batch item's) whatever N.
+    partials = <double*>malloc((2 * C * wave * chunks + 2 * C) * sizeof(double))
     if partials == NULL:
         return OUT_OF_MEMORY
-    # Work items in memory order (partition.pxd: split_item_*); item u's sum(dy) at
-    # partials[slot], its sum(dy * (x - mean)) at partials[C * units + slot].
-    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        slot = split_item_slot(u, N, C, chunks)
-        chunk_grad_sums(dy, y, x, g, split_item_offset(u, S, chunks),
-                        chunk_length(S, u % chunks), stats[split_item_channel(u, C, chunks)],
-                        &partials[slot], &partials[C * units + slot],
-                        thread_work(work, n_threads))
+    sums = partials + 2 * C * wave * chunks     # sum(dy)[C], then sum(dy * (x - mean))[C]
+    for c in range(2 * C):
+        sums[c] = 0.0
+    n0 = 0
+    while n0 < N:
+        nw = min(wave, N - n0)
+        units = nw * chunks                     # this wave's partials per channel
+        # Item u of the wave (partition.pxd: split_item_*): its sum(dy) at partials[slot],
+        # its sum(dy * (x - mean)) at partials[C * units + slot].
+        for u in prange(nw * C * chunks, schedule='dynamic', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            slot = split_item_slot(u, nw, C, chunks)
+            chunk_grad_sums(dy, y, x, g, split_item_offset(n0 * C * chunks + u, S, chunks),
+                            chunk_length(S, u % chunks), stats[split_item_channel(u, C, chunks)],
+                            &partials[slot], &partials[C * units + slot],
+                            thread_work(work, n_threads))
+        for c in range(C):
+            for u in range(c * units, (c + 1) * units):
+                sums[c] += partials[u]
+                sums[C + c] += partials[C * units + u]
+        n0 += nw
     for c in range(C):
-        sum_dy = ordered_sum(partials + c * units, units, 1)
-        sum_dy_xmu = ordered_sum(partials + C * units + c * units, units, 1)
+        sum_dy = sums[c]
+        sum_dy_xmu = sums[C + c]
         store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
         input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
                              <double>(N * S), training, &constants[c], &constants[C + c],

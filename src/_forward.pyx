@@ -35,7 +35,7 @@ from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
                      param_t)
 from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows,
                         chunk_length, channels_per_block, chunks_per_run, rows_per_block,
-                        split_item_offset, split_item_slot)
+                        split_item_offset, split_item_slot, split_wave)
 
 cnp.import_array()
 cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
@@ -126,15 +126,12 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
                     bint stream, float* work) noexcept nogil:
     # Enough channel blocks for every thread: one pass per block (train_channel_block).
-    # Otherwise (few channels) the partials are computed in parallel in memory order,
-    # merged per channel, and y is written in a second pass.
+    # Otherwise (few channels) the statistics come from the split path (stats_nchw), and
+    # y is written in a second pass.
     cdef Py_ssize_t per_block = channels_per_block(S)
     cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
-    cdef Py_ssize_t b, c, u, slot
-    cdef Py_ssize_t chunks = chunks_per_run(S)
-    cdef Py_ssize_t units = N * chunks          # partials per channel
-    cdef double count, mean, m2
-    cdef double* partials
+    cdef Py_ssize_t b, c
+    cdef int status
 
     if blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
@@ -144,28 +141,13 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
                                 thread_work(work, n_threads))
         return 0
 
-    partials = <double*>malloc(2 * C * units * sizeof(double))
-    if partials == NULL:
-        return OUT_OF_MEMORY
-    # Work items in memory order; item u's mean at partials[slot], its m2 at
-    # partials[C * units + slot] (partition.pxd: split_item_*).
-    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        slot = split_item_slot(u, N, C, chunks)
-        run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
-                    &partials[slot], &partials[C * units + slot], thread_work(work, n_threads))
+    status = stats_nchw(x, eps, stats, N, C, S, n_threads, work)
+    if status != 0:
+        return status
     for c in range(C):
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for u in range(c * units, (c + 1) * units):
-            chan_merge(&count, &mean, &m2, <double>chunk_length(S, u % chunks), partials[u],
-                       partials[C * units + u])
-        store_channel(mean, m2, count, eps, c, C, stats)
-        normalize_constants(mean, stats[C + c], gamma_of(weight, c), beta_of(bias, c),
+        normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream, work)
-    free(partials)
     return 0
 
 
@@ -398,33 +380,51 @@ def half_conversions():
 # process's statistics first): the statistics alone, then forward_eval with the final
 # per-channel constants.  No y is written, so that pair reads x twice and writes y once.
 # The partials and their merge order are train_nchw's and train_nhwc's, so the statistics
-# are those forward_train computes, bit for bit, whatever the thread count.  (Those two
-# could call these functions; they are left untouched while the loop layer is rewritten.)
+# are those forward_train computes, bit for bit, whatever the thread count (train_nchw's
+# split path is stats_nchw).
 
 cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py_ssize_t C,
                     Py_ssize_t S, int n_threads, float* work) noexcept nogil:
-    # train_nchw's split path without its normalization pass: one partial per run chunk,
-    # computed in memory order in parallel, merged per channel in (n, chunk) order.
+    # The split path (few channels): one partial per run chunk, computed in memory order in
+    # parallel, merged per channel in (n, chunk) order.  A wave of batch items at a time
+    # (partition.pxd: split_wave), each wave's partials folded into the running per-channel
+    # (count, mean, m2) before the next: the same ordered merge, so the same bits, with
+    # scratch of at most SPLIT_WAVE_ITEMS items (or one batch item's) whatever N.
     cdef Py_ssize_t chunks = chunks_per_run(S)
-    cdef Py_ssize_t units = N * chunks          # partials per channel
-    cdef Py_ssize_t c, u, slot
-    cdef double count, mean, m2
-    cdef double* partials = <double*>malloc(2 * C * units * sizeof(double))
+    cdef Py_ssize_t wave = min(N, split_wave(C, chunks))    # batch items per wave
+    cdef Py_ssize_t n0, nw, units, c, u, slot
+    cdef double* partials = <double*>malloc((2 * C * wave * chunks + 3 * C) * sizeof(double))
+    cdef double* count
+    cdef double* mean
+    cdef double* m2
     if partials == NULL:
         return OUT_OF_MEMORY
-    for u in prange(N * C * chunks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        slot = split_item_slot(u, N, C, chunks)
-        run_mean_m2(x + split_item_offset(u, S, chunks), chunk_length(S, u % chunks),
-                    &partials[slot], &partials[C * units + slot], thread_work(work, n_threads))
+    count = partials + 2 * C * wave * chunks
+    mean = count + C
+    m2 = mean + C
     for c in range(C):
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for u in range(c * units, (c + 1) * units):
-            chan_merge(&count, &mean, &m2, <double>chunk_length(S, u % chunks), partials[u],
-                       partials[C * units + u])
-        store_channel(mean, m2, count, eps, c, C, stats)
+        count[c] = 0.0
+        mean[c] = 0.0
+        m2[c] = 0.0
+    n0 = 0
+    while n0 < N:
+        nw = min(wave, N - n0)
+        units = nw * chunks                     # this wave's partials per channel
+        # Item u of the wave: its mean at partials[slot], its m2 at
+        # partials[C * units + slot] (partition.pxd: split_item_*).
+        for u in prange(nw * C * chunks, schedule='dynamic', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            slot = split_item_slot(u, nw, C, chunks)
+            run_mean_m2(x + split_item_offset(n0 * C * chunks + u, S, chunks),
+                        chunk_length(S, u % chunks), &partials[slot],
+                        &partials[C * units + slot], thread_work(work, n_threads))
+        for c in range(C):
+            for u in range(c * units, (c + 1) * units):
+                chan_merge(&count[c], &mean[c], &m2[c], <double>chunk_length(S, u % chunks),
+                           partials[u], partials[C * units + u])
+        n0 += nw
+    for c in range(C):
+        store_channel(mean[c], m2[c], count[c], eps, c, C, stats)
     free(partials)
     return 0
 

@@ -24,6 +24,12 @@ cdef enum:
     # elements instead of one short run far from the next.
     CHANNEL_BLOCK_ELEMS = 1024
     MAX_CHANNEL_BLOCK = 64
+    # The channels-first split path computes its partials a wave of batch items at a time,
+    # at most this many work items per wave (or one batch item's), and folds each wave into
+    # running per-channel results before the next: its scratch (two doubles per item) stays
+    # below 4 MiB whatever N.  Waves cut the same ordered merge into pieces: the results do
+    # not depend on them, nor on the thread count.
+    SPLIT_WAVE_ITEMS = 1 << 18
 
 
 cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
@@ -82,3 +88,9 @@ cdef inline Py_ssize_t split_item_channel(Py_ssize_t u, Py_ssize_t C,
 cdef inline Py_ssize_t split_item_slot(Py_ssize_t u, Py_ssize_t N, Py_ssize_t C,
                                        Py_ssize_t chunks) noexcept nogil:
     return (split_item_channel(u, C, chunks) * N + u // (C * chunks)) * chunks + u % chunks
+
+
+cdef inline Py_ssize_t split_wave(Py_ssize_t C, Py_ssize_t chunks) noexcept nogil:
+    # Batch items per wave of the split path (at least one).
+    cdef Py_ssize_t per_item = C * chunks
+    return SPLIT_WAVE_ITEMS // per_item if per_item < SPLIT_WAVE_ITEMS else 1

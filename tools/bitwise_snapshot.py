@@ -57,6 +57,8 @@ SHAPES = [
     ((50, 13), 1, "2-D, C=13"),
     ((16, 64, 64, 64), -1, "stream, rows"),
     ((3, 4, 5, 6), 2, "middle axis"),
+    ((300000, 2, 3), 1, "split path in several waves"),
+    ((150000, 3, 5), 1, "split path in two waves"),
 ]
 BIG = 1 << 22
 
