@@ -178,3 +178,40 @@ def test_overlapping_buffers():
         backward(a, dx=a["x"])
     with pytest.raises(ValueError, match="overlap"):
         backward(a, dy=dy, dresidual=dy)
+
+
+def test_batch_stats_checks_its_buffers():
+    a = arrays()
+    _forward.batch_stats(a["x"], 1e-5, np.empty(3 * C), N, C, S, 1)
+    with pytest.raises(ValueError, match="elements"):
+        _forward.batch_stats(a["x"], 1e-5, np.empty(3 * C), N, C, S + 1, 1)
+    with pytest.raises(ValueError, match="at least 9"):
+        _forward.batch_stats(a["x"], 1e-5, np.empty(3 * C - 1), N, C, S, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        _forward.batch_stats(np.zeros(N * C * S, np.int32), 1e-5, np.empty(3 * C), N, C, S, 1)
+
+
+def test_split_path_waves_match_one_wave():
+    # The channels-first split path folds its partials a wave of batch items at a time
+    # (partition.pxd: SPLIT_WAVE_ITEMS work items per wave; this shape takes 3 waves).
+    # The waves must not change the contract: the same bits on 1 and 2 threads, and the
+    # float64 reference's statistics and gradient sums.  (tools/bitwise_snapshot.py
+    # checks that they are the bits of the single-wave build.)
+    import cpubn
+    rng = np.random.default_rng(3)
+    x = (5 + rng.standard_normal((300000, 2, 3))).astype(np.float32)   # 3 waves
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    results = []
+    for n_threads in (1, 2):
+        with cpubn.threads(n_threads):
+            y, mean, invstd = cpubn.batch_norm_forward(x)
+            dx, dw, db = cpubn.batch_norm_backward(dy, x, mean, invstd)
+        results.append((y, mean, invstd, dx, dw, db))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(results[0][1], x64.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(results[0][2], 1 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5),
+                               rtol=1e-10)
+    np.testing.assert_allclose(results[0][5], dy.astype(np.float64).sum(axis=(0, 2)),
+                               rtol=1e-6, atol=1e-6)
