@@ -2,9 +2,16 @@
 
 Environment switches (all optional):
   CPUBN_FAIL_NO_OPENMP=1  a compiler without OpenMP is an error instead of a serial build (CI sets it)
-  CPUBN_DEBUG=1           Cython bounds/wraparound checks on, -O0 -g: for hunting kernel bugs
-  CPUBN_NATIVE=1          add -march=native (local builds only; the default build is portable and
-                          picks AVX2/AVX-512 loops at run time through function multiversioning)
+  CPUBN_DEBUG=1           -O0 -g and Cython's bounds/wraparound/initialized checks on: a build
+                          to step through in a debugger.  Those checks guard typed memoryview
+                          indexing in the .pyx wrappers only; the kernels index raw pointers,
+                          which no Cython check sees.  The memory checker for the kernels is
+                          tools/sanitize.sh (AddressSanitizer + UndefinedBehaviorSanitizer).
+  CPUBN_NATIVE=1          add -march=native (local builds only).  The default build is portable:
+                          with GCC on x86-64 glibc Linux it compiles the loops for AVX-512, AVX2
+                          and baseline x86-64 and picks one at run time (target_clones, see
+                          CPUBN_CLONES in src/bn_loops.h); other compilers and platforms get the
+                          baseline instruction set only.
 """
 import os
 import shlex
@@ -20,7 +27,16 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_forward", "_backward", "_threads", "_arrays"]
+# Compiled module -> Cython source (each module is named after its source).
+# cpubn.bench._bench_copy is the bench's parallel copy for its roofline; the library never
+# imports it.
+EXTENSION_SOURCES = {
+    "cpubn._forward": "src/_forward.pyx",
+    "cpubn._backward": "src/_backward.pyx",
+    "cpubn._threads": "src/_threads.pyx",
+    "cpubn._arrays": "src/_arrays.pyx",
+    "cpubn.bench._bench_copy": "src/_bench_copy.pyx",
+}
 
 OPENMP_PROBE = r"""
 #include <omp.h>
@@ -102,10 +118,11 @@ class BuildExtWithOpenMP(build_ext):
         # installed one (Python puts the current directory first on sys.path).  Placing
         # the compiled modules next to the sources too makes both copies complete, so the
         # README's commands work from any folder, the checkout included.
-        package_dir = os.path.abspath(self.get_finalized_command("build_py").get_package_dir("cpubn"))
-        if not os.path.isdir(package_dir):
-            return
+        build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
+            package_dir = os.path.abspath(build_py.get_package_dir(ext.name.rpartition(".")[0]))
+            if not os.path.isdir(package_dir):
+                continue
             built = self.get_ext_fullpath(ext.name)
             target = os.path.join(package_dir, os.path.basename(built))
             if os.path.abspath(built) != target:
@@ -127,7 +144,8 @@ def _optimization_flags(compiler_type):
     return flags
 
 
-# All Cython directives live here; CPUBN_DEBUG turns the safety checks back on.
+# All Cython directives live here; CPUBN_DEBUG turns Cython's checks back on (memoryview
+# indexing in the wrappers; the raw-pointer kernels are checked by tools/sanitize.sh).
 _debug = _env_flag("CPUBN_DEBUG")
 COMPILER_DIRECTIVES = {
     "language_level": 3,
@@ -174,8 +192,8 @@ generate_loop_layer()
 
 extensions = [
     Extension(
-        f"cpubn.{name}",
-        [f"src/{name}.pyx"],
+        name,
+        [source],
         include_dirs=["src", np.get_include()],
         depends=["src/bn_loops.h", "src/bn_loops_float.h", "src/bn_loops_half.h",
                  "src/bn_loops_half_loops.h", "src/omp_shim.h"],
@@ -184,7 +202,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
                        ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")],
     )
-    for name in KERNEL_MODULES
+    for name, source in EXTENSION_SOURCES.items()
 ]
 
 setup(

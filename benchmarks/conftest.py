@@ -54,8 +54,8 @@ def one_shape_buffers():
 
 @pytest.fixture(scope="session")
 def bench_buffers(one_shape_buffers):
-    """shape, dtype -> cpubn._bench.BenchBuffers (the arrays of python -m cpubn bench)."""
-    from cpubn._bench import BenchBuffers
+    """shape, dtype -> cpubn.bench.peers.BenchBuffers (the arrays of python -m cpubn bench)."""
+    from cpubn.bench.peers import BenchBuffers
 
     def get(shape, dtype=np.float32):
         return one_shape_buffers(

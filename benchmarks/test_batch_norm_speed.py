@@ -3,7 +3,7 @@
 One benchmark group per (shape, layout, op), holding the copy roofline, cpubn
 (``out=`` and allocating) and torch at each thread count, and NumPy once (it
 runs on one thread anyway). The peers are the ones of ``python -m cpubn bench``
-(``cpubn._bench.build_peers``). No timing is asserted: compare the group tables.
+(``cpubn.bench.peers.build_peers``). No timing is asserted: compare the group tables.
 
     pytest benchmarks                              # timed, ~3 min on 2 cores
     pytest benchmarks --benchmark-disable          # each function once, seconds
@@ -13,8 +13,8 @@ runs on one thread anyway). The peers are the ones of ``python -m cpubn bench``
 import numpy as np
 import pytest
 
-from cpubn._bench import (bytes_moved, layout_shape, layouts_for, ops_for, shape_label,
-                          usable_cpus)
+from cpubn._thread_control import usable_cpus
+from cpubn.bench.harness import bytes_moved, layout_shape, layouts_for, ops_for, shape_label
 
 # A representative subset of the command's shape set (NCHW notation): a ResNet
 # stage, the deep low-resolution stage that favours row-streaming kernels, and a
@@ -41,13 +41,14 @@ def _cases():
 def test_batch_norm(benchmark, bench_buffers, torch_or_none, torch_threads,
                     shape, layout, op, peer, threads):
     import cpubn
-    from cpubn._bench import _copy_function, build_peers
+    from cpubn.bench.harness import copy_function
+    from cpubn.bench.peers import build_peers
 
     if peer == "torch" and torch_or_none is None:
         pytest.skip("torch is not installed")
     buf = bench_buffers(shape)
     torch_threads(threads)
-    fns, errors = build_peers(cpubn, torch_or_none, _copy_function(), buf, layout, op,
+    fns, errors = build_peers(cpubn, torch_or_none, copy_function(), buf, layout, op,
                               threads, names=(peer,))
     assert not errors, errors
     benchmark.group = f"{shape_label(shape)} {layout} {op}"

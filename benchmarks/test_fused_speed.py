@@ -2,7 +2,7 @@
 (pytest-benchmark).
 
 One benchmark group per (shape, layout, op), holding cpubn's peers of
-``python -m cpubn bench --fused`` (``cpubn._bench_fused``): BN alone into ``out=``, the
+``python -m cpubn bench --fused`` (``cpubn.bench.fused``): BN alone into ``out=``, the
 fused forms, and cpubn's BN followed by NumPy's in-place add / maximum, at 1 thread and
 at all usable CPUs.  No timing is asserted: compare the group tables.
 
@@ -12,8 +12,9 @@ at all usable CPUs.  No timing is asserted: compare the group tables.
 import numpy as np
 import pytest
 
-from cpubn._bench import layouts_for, ops_for, shape_label, usable_cpus
-from cpubn._bench_fused import OPS, FusedBuffers, _cpubn_peers
+from cpubn._thread_control import usable_cpus
+from cpubn.bench.fused import OPS, FusedBuffers, cpubn_peers
+from cpubn.bench.harness import layouts_for, ops_for, shape_label
 
 SHAPES = ((32, 64, 56, 56), (32, 2048, 7, 7))
 PEERS = ("bn", "fused", "fused+res", "unfused", "unfused+res")
@@ -37,7 +38,7 @@ def test_fused(benchmark, one_shape_buffers, shape, layout, op, peer, threads):
 
     buf = one_shape_buffers(("fused", shape),
                             lambda: FusedBuffers(shape, np.float32, np.random.default_rng(0)))
-    fn = _cpubn_peers(cpubn, buf, layout, op)[peer]
+    fn = cpubn_peers(cpubn, buf, layout, op)[peer]
     benchmark.group = f"{shape_label(shape)} {layout} {op} (fused)"
     benchmark.extra_info.update(threads=threads)
     with cpubn.threads(threads):

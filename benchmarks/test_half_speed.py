@@ -3,7 +3,7 @@
 One benchmark group per (shape, layout, op), holding cpubn on the same values stored as
 float32, float16 and bfloat16 (when ml_dtypes is installed), with float32 parameters,
 at 1 thread and at all usable CPUs: the peers of ``python -m cpubn bench --half``
-(``cpubn._bench_half``).  No timing is asserted: compare the group tables.
+(``cpubn.bench.half``).  No timing is asserted: compare the group tables.
 
     pytest benchmarks/test_half_speed.py
 """
@@ -11,8 +11,9 @@ at 1 thread and at all usable CPUs: the peers of ``python -m cpubn bench --half`
 import numpy as np
 import pytest
 
-from cpubn._bench import layouts_for, ops_for, shape_label, usable_cpus
-from cpubn._bench_half import HalfBuffers, _cpubn_peer, half_dtypes
+from cpubn._thread_control import usable_cpus
+from cpubn.bench.half import HalfBuffers, cpubn_peer, half_dtypes
+from cpubn.bench.harness import layouts_for, ops_for, shape_label
 
 SHAPES = ((32, 64, 56, 56), (256, 1024))
 DTYPES = tuple(d.name for d in half_dtypes())
@@ -38,7 +39,7 @@ def test_half_precision(benchmark, one_shape_buffers, shape, layout, op, dtype, 
 
     buf = one_shape_buffers(("half", shape),
                             lambda: HalfBuffers(shape, half_dtypes(), np.random.default_rng(0)))
-    fn = _cpubn_peer(cpubn, buf, dtype, layout, op)
+    fn = cpubn_peer(cpubn, buf, dtype, layout, op)
     benchmark.group = f"{shape_label(shape)} {layout} {op} (half precision)"
     benchmark.extra_info.update(threads=threads, dtype=dtype)
     with cpubn.threads(threads):

@@ -23,7 +23,7 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        from ._bench import main as bench_main
+        from .bench.cli import main as bench_main
         return bench_main(rest)
     if command == "demo":
         if "--convnet" in rest:

@@ -15,7 +15,6 @@ from ._validation import (check_activation, check_axis, check_batch_stats_possib
                           check_num_features, check_out, check_param_dtype, check_residual,
                           check_state_array, is_half, overlaps_input)
 
-_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
 
 

@@ -15,9 +15,10 @@ double accumulation, and each output is rounded once to the data type.
 stats receives, back to back: mean, invstd = 1 / sqrt(var + eps) and (train only) the
 biased batch variance, all float64.  The kernels release the GIL while they run.
 
-Fused epilogue: with a residual r (None, or an array like x that overlaps neither x nor y)
-and/or relu, y = relu(bn(x) + r) is written in the same pass that writes bn(x) (x, r read
-once, y written once): no extra memory and, on large tensors, about the time of bn alone.
+Fused epilogue: with a residual r (None, or an array like x: it may be x itself, both
+being only read, but check_forward_arrays refuses one that overlaps y) and/or relu,
+y = relu(bn(x) + r) is written in the same pass that writes bn(x) (x, r read once, y
+written once): no extra memory and, on large tensors, about the time of bn alone.
 """
 from cython.parallel cimport prange
 from libc.math cimport sqrt
@@ -240,7 +241,8 @@ cdef int check_forward_arrays(object x, object y, object residual, object stats,
                               Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads,
                               bint training) except -1:
     # The C boundary (params.pxd): returns x's data kind after checking every buffer
-    # against the (N, C, S) view; y may be x itself, the residual overlaps neither.
+    # against the (N, C, S) view; y may be x itself; the residual may be x (both are only
+    # read) but must not overlap y.
     check_dims(N, C, S, n_threads, training)
     if not isinstance(x, cnp.ndarray):
         raise TypeError(f"cpubn kernel: x must be a numpy array, got {type(x).__name__}")

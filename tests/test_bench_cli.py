@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m cpubn bench`` (cpubn/_bench.py): tiny shapes, few repeats.
+"""Smoke tests of ``python -m cpubn bench`` (cpubn/bench/): tiny shapes, few repeats.
 
 They check that the command runs and reports what it promises, never how fast
 anything is.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from cpubn import _bench
+from cpubn.bench import cli, peers
 
 try:
     import torch  # noqa: F401
@@ -30,7 +30,7 @@ TIMED_FIELDS = {"median_ms", "min_ms", "repeats", "gbps", "x_roofline", "samples
 
 def run_bench(tmp_path, *args):
     path = tmp_path / "bench.json"
-    rc = _bench.main([*args, "--json", str(path)])
+    rc = cli.main([*args, "--json", str(path)])
     return rc, json.loads(path.read_text())
 
 
@@ -119,7 +119,7 @@ def test_plot(tmp_path):
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    assert _bench.main(["--plot", "x.png", "--shape", "4,8"]) == 2
+    assert cli.main(["--plot", "x.png", "--shape", "4,8"]) == 2
     assert "matplotlib" in capsys.readouterr().err
 
 
@@ -127,7 +127,7 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
                                   ["--threads", "0"], ["--ops", "infer"], ["--quick", "--full"]])
 def test_bad_arguments(args):
     with pytest.raises(SystemExit) as info:
-        _bench.main(args)
+        cli.main(args)
     assert info.value.code == 2
 
 
@@ -144,7 +144,7 @@ def test_numpy_peer_matches_reference(dtype, axis):
     rm, rv = np.zeros(5, dtype), np.ones(5, dtype)
     tol = 1e-4 if dtype == np.float32 else 1e-10
 
-    y, mean, invstd = _bench.numpy_batch_norm_forward(x, w, b, rm, rv, training=True, axis=axis)
+    y, mean, invstd = peers.numpy_batch_norm_forward(x, w, b, rm, rv, training=True, axis=axis)
     y_ref, mean_ref, invstd_ref, rm_ref, rv_ref = ref.functional_forward(
         x, w, b, np.zeros(5), np.ones(5), training=True, axis=axis)
     assert y.dtype == dtype
@@ -153,11 +153,11 @@ def test_numpy_peer_matches_reference(dtype, axis):
     np.testing.assert_allclose(rm, rm_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(rv, rv_ref, rtol=tol, atol=tol)
 
-    y_eval, _, _ = _bench.numpy_batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis)
+    y_eval, _, _ = peers.numpy_batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis)
     y_eval_ref = ref.functional_forward(x, w, b, rm, rv, training=False, axis=axis)[0]
     np.testing.assert_allclose(y_eval, y_eval_ref, rtol=tol, atol=tol)
 
-    dx, dw, db = _bench.numpy_batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx, dw, db = peers.numpy_batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
     dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean_ref, invstd_ref, w, axis=axis)
     assert dx.dtype == dtype
     np.testing.assert_allclose(dx, dx_ref, rtol=10 * tol, atol=10 * tol)
@@ -166,7 +166,7 @@ def test_numpy_peer_matches_reference(dtype, axis):
 
 
 def test_python_m_cpubn_bench(tmp_path):
-    """The command line entry point is wired to _bench.main."""
+    """The command line entry point is wired to cpubn.bench.cli.main."""
     path = tmp_path / "cli.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
@@ -180,7 +180,7 @@ def test_python_m_cpubn_bench(tmp_path):
 
 def test_contention_bench_reports_median_p90_and_target(tmp_path, capsys):
     path = tmp_path / "contention.json"
-    rc = _bench.main(["--contention", "--shape", "4,3,8,8", "--samples", "5",
+    rc = cli.main(["--contention", "--shape", "4,3,8,8", "--samples", "5",
                       "--layout", "nchw", "--no-torch", "--json", str(path)])
     assert rc == 0
     report = json.loads(path.read_text())

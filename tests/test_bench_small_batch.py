@@ -2,7 +2,7 @@
 (no timing is asserted)."""
 import pytest
 
-from cpubn._bench import main as bench_main
+from cpubn.bench.cli import main as bench_main
 
 
 def test_small_batch_bench_reports_each_layer(capsys):

@@ -652,10 +652,10 @@ def test_folding_a_fused_batchnorm(rng):
 def test_bench_fused_smoke(tmp_path, capsys):
     import json
 
-    from cpubn import _bench
+    from cpubn.bench import cli
 
     path = tmp_path / "fused.json"
-    rc = _bench.main(["--fused", "--shape", "4,8,5,5", "--shape", "1,8,3,3", "--repeats", "1",
+    rc = cli.main(["--fused", "--shape", "4,8,5,5", "--shape", "1,8,3,3", "--repeats", "1",
                       "--threads", "1", "--json", str(path)])
     assert rc == 0
     report = json.loads(path.read_text())

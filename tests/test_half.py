@@ -474,10 +474,10 @@ def test_torch_mixed_type_parity(rng, dtype, shape, axis, training):
 def test_bench_half_smoke(tmp_path, capsys):
     import json
 
-    from cpubn import _bench
+    from cpubn.bench import cli
 
     path = tmp_path / "half.json"
-    rc = _bench.main(["--half", "--shape", "4,8,5,5", "--shape", "1,8,3,3", "--repeats", "1",
+    rc = cli.main(["--half", "--shape", "4,8,5,5", "--shape", "1,8,3,3", "--repeats", "1",
                       "--threads", "1", "--json", str(path)])
     assert rc == 0
     report = json.loads(path.read_text())

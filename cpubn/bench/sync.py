@@ -20,16 +20,11 @@ import time
 
 import numpy as np
 
+from .harness import parse_shape
+
 CHILD_ENV = "CPUBN_BENCH_SYNC_CHILD"
 DEFAULT_SHAPES = ((32, 64, 56, 56), (8, 16))
 QUICK_SHAPES = ((8, 64, 28, 28), (8, 16))
-
-
-def _parse_shape(text):
-    shape = tuple(int(v) for v in text.split(","))
-    if len(shape) < 2 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"a shape is N,C[,H,W...] of positive ints: {text!r}")
-    return shape
 
 
 def _parser():
@@ -38,7 +33,7 @@ def _parser():
         description="SyncBatchNorm step time against BatchNorm under mpiexec, and the "
                     "share of its collectives.")
     p.add_argument("--processes", type=int, default=2, help="MPI processes (default 2)")
-    p.add_argument("--shape", type=_parse_shape, action="append", metavar="N,C[,H,W...]",
+    p.add_argument("--shape", type=parse_shape, action="append", metavar="N,C[,H,W...]",
                    help="per-process input shape (channels-first notation); repeatable "
                         "(default 32,64,56,56 and 8,16)")
     p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
@@ -63,7 +58,7 @@ def main(argv=None):
 
 def _relaunch(args, argv):
     if importlib.util.find_spec("mpi4py") is None:     # MPI is initialized in the children
-        from ._sync import INSTALL_HINT
+        from .._sync import INSTALL_HINT
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 1
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -100,7 +95,7 @@ def _timed(comm, fn, inner):
 
 def _case(comm, shape, layout, repeats):
     import cpubn
-    from . import _sync
+    from .. import _sync
     channels = shape[1]
     axis = 1 if layout == "nchw" else -1
     user_shape = shape if layout == "nchw" else (shape[0],) + shape[2:] + (shape[1],)

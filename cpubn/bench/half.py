@@ -18,8 +18,9 @@ import sys
 
 import numpy as np
 
-from ._bench import (EPS, MOMENTUM, _torch_view, add_sweep_options, format_sweep,
-                     layout_axis, layout_shape, run_sweep, time_groups)
+from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
+                      time_groups, torch_view)
+from .report import format_sweep
 
 SHAPES_DEFAULT = ((32, 64, 56, 56), (32, 256, 28, 28), (32, 2048, 7, 7), (256, 1024))
 SHAPES_QUICK = ((32, 64, 56, 56),)
@@ -57,7 +58,7 @@ class HalfBuffers:
         return [self.arrays[dtype_name][name].reshape(s) for name in names]
 
 
-def _cpubn_peer(cpubn, buf, dtype_name, layout, op):
+def cpubn_peer(cpubn, buf, dtype_name, layout, op):
     x, dy, out = buf.view(dtype_name, layout, "x", "dy", "out")
     axis, w, b = layout_axis(layout), buf.weight, buf.bias
     c = buf.shape[1]
@@ -75,7 +76,7 @@ def _torch_peer(torch, buf, dtype_name, layout, op):
                 "bfloat16": torch.bfloat16}[dtype_name]
     # torch has no NumPy bfloat16: the tensors are made from float32 and cast once (the
     # cast keeps the channels-last strides of the nhwc view).
-    xt, dyt = (_torch_view(torch, a.astype(np.float32), layout).to(to_torch) for a in (x, dy))
+    xt, dyt = (torch_view(torch, a.astype(np.float32), layout).to(to_torch) for a in (x, dy))
     wt, bt = torch.from_numpy(buf.weight), torch.from_numpy(buf.bias)
     c = buf.shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
@@ -93,7 +94,7 @@ def _torch_peer(torch, buf, dtype_name, layout, op):
 def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
     """Time one (shape, layout, op, threads) case; returns its JSON record."""
     dtype_names = list(buf.arrays)
-    groups = [{f"cpubn_{d}": _cpubn_peer(cpubn, buf, d, layout, op) for d in dtype_names}]
+    groups = [{f"cpubn_{d}": cpubn_peer(cpubn, buf, d, layout, op) for d in dtype_names}]
     errors = {}
     if torch is not None:
         torch_group = {}

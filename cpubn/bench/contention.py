@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from ._bench import (SHAPES_DEFAULT, SHAPES_QUICK, BenchBuffers, _import_torch, _parse_shape,
-                     build_peers, layouts_for, ops_for, shape_label)
+from .harness import (SHAPES_DEFAULT, SHAPES_QUICK, import_torch, layouts_for, ops_for,
+                      parse_shape, shape_label)
+from .peers import BenchBuffers, build_peers
 
 P90_TARGET = 1.5        # default-thread p90 / one-thread median
 MEDIAN_NOISE = 1.10     # default-thread median / one-thread median counted as "no worse"
@@ -34,7 +35,7 @@ def build_parser():
         description="Median and 90th-percentile call times beside one busy process: cpubn "
                     "at 1 thread and at its default thread count, NumPy, PyTorch.")
     p.add_argument("--quick", action="store_true", help="fewer shapes and samples")
-    p.add_argument("--shape", type=_parse_shape, action="append", metavar="N,C[,H,W...]",
+    p.add_argument("--shape", type=parse_shape, action="append", metavar="N,C[,H,W...]",
                    help="this shape (NCHW notation) instead of the set; repeatable")
     p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     p.add_argument("--samples", type=int, metavar="K",
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
         return 2
     import cpubn
 
-    torch = None if args.no_torch else _import_torch()
+    torch = None if args.no_torch else import_torch()
     report = run(args, cpubn, torch)
     print(format_report(report))
     if args.json:

@@ -2,7 +2,7 @@
 
 For every shape, layout, operation (training forward, eval forward, backward) and thread
 count, these peers are timed interleaved in one process on the same preallocated
-buffers (the machinery of cpubn._bench; the cpubn peers and the torch peers each
+buffers (cpubn.bench.harness; the cpubn peers and the torch peers each
 round-robin among themselves), and their medians reported:
 
 - ``bn``: cpubn's BatchNorm alone, writing into ``out=`` (the cost to match);
@@ -30,8 +30,9 @@ import sys
 
 import numpy as np
 
-from ._bench import (EPS, MOMENTUM, _torch_view, add_sweep_options, format_sweep,
-                     layout_axis, layout_shape, run_sweep, time_groups)
+from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
+                      time_groups, torch_view)
+from .report import format_sweep
 
 SHAPES_DEFAULT = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024), (1, 64, 56, 56))
 SHAPES_QUICK = ((32, 64, 56, 56), (1, 64, 56, 56))
@@ -64,7 +65,7 @@ class FusedBuffers:
         return [getattr(self, name).reshape(s) for name in names]
 
 
-def _cpubn_peers(cpubn, buf, layout, op):
+def cpubn_peers(cpubn, buf, layout, op):
     x, r, dy, out, grad = buf.view(layout, "x", "residual", "dy", "out", "grad")
     axis, w, b = layout_axis(layout), buf.weight, buf.bias
     c = buf.shape[1]
@@ -112,7 +113,7 @@ def _cpubn_peers(cpubn, buf, layout, op):
 
 def _torch_peers(torch, buf, layout, op):
     x, r, dy = buf.view(layout, "x", "residual", "dy")
-    xt, rt, dyt = (_torch_view(torch, a, layout) for a in (x, r, dy))
+    xt, rt, dyt = (torch_view(torch, a, layout) for a in (x, r, dy))
     wt, bt = torch.from_numpy(buf.weight), torch.from_numpy(buf.bias)
     c = buf.shape[1]
     rm, rv = torch.zeros(c, dtype=wt.dtype), torch.ones(c, dtype=wt.dtype)
@@ -152,7 +153,7 @@ def _torch_peers(torch, buf, layout, op):
 
 def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
     """Time one (shape, layout, op, threads) case; returns its JSON record."""
-    groups = [_cpubn_peers(cpubn, buf, layout, op)]
+    groups = [cpubn_peers(cpubn, buf, layout, op)]
     errors = {}
     if torch is not None:
         try:

@@ -14,11 +14,9 @@ import numpy as np
 
 import cpubn
 
+from .harness import parse_shape
+
 DEFAULT_SHAPE = (256, 64, 28, 28)
-
-
-def _parse_shape(text):
-    return tuple(int(v) for v in text.split(","))
 
 
 def layers_for(channels, axis, ghost_batch_size):
@@ -71,7 +69,7 @@ def format_report(shape, layout, times):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cpubn bench --small-batch",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=_parse_shape, default=DEFAULT_SHAPE,
+    parser.add_argument("--shape", type=parse_shape, default=DEFAULT_SHAPE,
                         metavar="N,C[,H,W...]", help="channels-first shape (default 256,64,28,28)")
     parser.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     parser.add_argument("--ghost", type=int, default=32, help="ghost batch size (default 32)")

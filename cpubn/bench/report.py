@@ -1,0 +1,227 @@
+"""Text reports of ``python -m cpubn bench``: the main bench's table, summary and thread
+scaling, and the two tables (times, ratios) every sweep variant prints."""
+
+from __future__ import annotations
+
+import statistics
+
+from .harness import LAYOUTS, OPS, shape_label
+
+
+def format_sweep(header, results, threads, peers, ratio_names, summarized, ops, footer):
+    """The report of a variant bench (--fused, --half): per thread count, a table of median
+    times (ms) of ``peers`` and one of ``ratio_names``, the median over cases of each
+    ratio in ``summarized`` per op, and any errors."""
+    def cells(record, key, names, width, digits):
+        return " ".join(f"{'-' if record[key].get(n) is None else f'{record[key][n]:.{digits}f}':>{width}}"
+                        for n in names)
+
+    def row_label(r):
+        return f"{shape_label(r['shape']):<14} {r['layout']:<6} {r['op']:<8} "
+
+    time_width = max([11] + [len(p) + 1 for p in peers])
+    ratio_width = max([11] + [len(n) + 1 for n in ratio_names])
+    lines = [header]
+    for n in threads:
+        records = [r for r in results if r["threads"] == n]
+        label = f"{n} thread{'s' if n > 1 else ''}"
+        lines += ["", f"== {label}: times in ms ==",
+                  f"{'shape':<14} {'layout':<6} {'op':<8} "
+                  + " ".join(f"{p:>{time_width}}" for p in peers)]
+        lines += [row_label(r) + cells(r, "median_ms", peers, time_width, 3) for r in records]
+        lines += ["", f"== {label}: ratios (same run) ==",
+                  f"{'shape':<14} {'layout':<6} {'op':<8} "
+                  + " ".join(f"{name:>{ratio_width}}" for name in ratio_names)]
+        lines += [row_label(r) + cells(r, "ratios", ratio_names, ratio_width, 2)
+                  for r in records]
+        for op in ops:
+            for name in summarized:
+                values = [r["ratios"][name] for r in records
+                          if r["op"] == op and name in r["ratios"]]
+                if values:
+                    lines.append(f"  {op}: median {name} {statistics.median(values):.2f} over "
+                                 f"{len(values)} cases")
+        for r in records:
+            for name, error in r["errors"].items():
+                lines.append(f"  ! {row_label(r).rstrip()} {name}: {error}")
+    return "\n".join(lines + ["", footer])
+
+
+def _fmt_ms(v):
+    if v is None:
+        return "-"
+    if v < 0.1:
+        return f"{v:.3f}"
+    if v < 10:
+        return f"{v:.2f}"
+    if v < 100:
+        return f"{v:.1f}"
+    return f"{v:.0f}"
+
+
+def _fmt_ratio(v, digits=2):
+    if v is None:
+        return "-"
+    digits = min(digits, 0 if v >= 100 else 1 if v >= 10 else digits)
+    return f"{v:.{digits}f}"
+
+
+def _peer_cell(record, name, key="median_ms", fmt=_fmt_ms):
+    p = record["peers"].get(name)
+    if p is None:
+        return "-"
+    if "error" in p:
+        return "ERR"
+    return fmt(p.get(key))
+
+
+COLUMNS = (  # header, width, alignment
+    ("shape", 13, "<"), ("layout", 6, "<"), ("op", 8, "<"), ("roof", 6, ">"), ("copy", 6, ">"),
+    ("out=", 6, ">"), ("GB/s", 5, ">"), ("xroof", 5, ">"), ("cpubn", 6, ">"), ("xroof", 5, ">"),
+    ("numpy", 6, ">"), ("torch", 6, ">"), ("vs numpy", 8, ">"), ("vs torch", 8, ">"),
+)
+
+
+def _row(cells):
+    return " ".join(f"{c:{align}{width}}" for c, (_, width, align) in zip(cells, COLUMNS)).rstrip()
+
+
+def format_table(records):
+    lines = [_row([c[0] for c in COLUMNS])]
+    for r in records:
+        lines.append(_row([
+            shape_label(r["shape"]), r["layout"], r["op"], _fmt_ms(r.get("roofline_ms")),
+            _peer_cell(r, "copy"),
+            _peer_cell(r, "cpubn_out"),
+            _peer_cell(r, "cpubn_out", "gbps", lambda v: "-" if v is None else f"{v:.1f}"),
+            _peer_cell(r, "cpubn_out", "x_roofline", _fmt_ratio),
+            _peer_cell(r, "cpubn"),
+            _peer_cell(r, "cpubn", "x_roofline", _fmt_ratio),
+            _peer_cell(r, "numpy"),
+            _peer_cell(r, "torch"),
+            "busy" if r.get("busy") else _fmt_ratio(r.get("speedup_vs_numpy"), 1),
+            "busy" if r.get("busy") and r.get("speedup_vs_torch") else
+            _fmt_ratio(r.get("speedup_vs_torch"), 2),
+        ]))
+        if r["check"] != "ok":
+            lines.append(f"  ! {r['check']}")
+        if r.get("busy"):
+            lines.append(f"  (busy: {r['busy']}; rerun on a quiet machine)")
+    return "\n".join(lines)
+
+
+def _median_of(values):
+    values = [v for v in values if v]
+    return statistics.median(values) if values else None
+
+
+def format_summary(records):
+    """Median speedups over shapes, per op and layout, of the cases measured while the
+    machine was quiet; a peer that did not run (torch not installed) is left out."""
+    lines = []
+    for op in OPS:
+        for layout in LAYOUTS:
+            rs = [r for r in records if r["op"] == op and r["layout"] == layout]
+            if not rs:
+                continue
+            quiet = [r for r in rs if not r.get("busy")]
+            if not quiet:
+                lines.append(f"  {op:<8} {layout}: no result: the machine was busy in all "
+                             f"{len(rs)} cases")
+                continue
+            parts = []
+            for peer, digits in (("torch", 2), ("numpy", 1)):
+                v = _median_of(r.get(f"speedup_vs_{peer}") for r in quiet)
+                if v is not None:
+                    parts.append(f"{_fmt_ratio(v, digits)}x vs {peer}")
+            left_out = (f" ({len(rs) - len(quiet)} busy case{'s' if len(rs) - len(quiet) > 1 else ''}"
+                        f" left out)" if len(quiet) < len(rs) else "")
+            lines.append(f"  {op:<8} {layout}: median over {len(quiet)} shapes: "
+                         + (", ".join(parts) or "no peer ran") + left_out)
+    return "\n".join(lines)
+
+
+def busy_machine_warning(report):
+    """A line saying the machine was visibly busy, or None: the two copy-bandwidth probes
+    (before and after the cases) disagree, or some cases were busy (harness.busy_reason)."""
+    notes = []
+    for n, (first, second) in report.get("copy_probes_gbps", {}).items():
+        if min(first, second) > 0 and max(first, second) / min(first, second) >= 1.5:
+            notes.append(f"copy bandwidth at {n} thread{'s' if int(n) > 1 else ''} was "
+                         f"{min(first, second):.1f} GB/s in one probe, {max(first, second):.1f} "
+                         f"in the other")
+    busy = [r for r in report["results"] if r.get("busy")]
+    if busy:
+        notes.append(f"{len(busy)} of {len(report['results'])} cases were timed while it was "
+                     f"busy (marked 'busy', left out of the summary)")
+    if not notes:
+        return None
+    return ("WARNING: this machine was visibly busy during the bench: " + "; ".join(notes)
+            + ". Its ratios are not results: rerun on a quiet machine.")
+
+
+def format_scaling(records, threads):
+    lo, hi = min(threads), max(threads)
+    by_key = {}
+    for r in records:
+        by_key.setdefault((tuple(r["shape"]), r["layout"], r["op"]), {})[r["threads"]] = r
+    lines = [f"Thread scaling {lo} -> {hi} threads (time at {lo} / time at {hi}):",
+             f"  {'shape':<14}  {'layout':<6}  {'op':<8}  {'cpubn out=':>10}  {'copy':>6}"]
+    for (shape, layout, op), per in by_key.items():
+        if lo not in per or hi not in per:
+            continue
+
+        def ratio(name):
+            a = per[lo]["peers"].get(name, {}).get("median_ms")
+            b = per[hi]["peers"].get(name, {}).get("median_ms")
+            return a / b if a and b else None
+        lines.append(f"  {shape_label(shape):<14}  {layout:<6}  {op:<8}  "
+                     f"{_fmt_ratio(ratio('cpubn_out')):>10}  {_fmt_ratio(ratio('copy')):>6}")
+    return "\n".join(lines)
+
+
+def format_report(report):
+    m, cfg = report["machine"], report["config"]
+    out = [
+        f"cpubn {m['cpubn']} bench on {m['cpu']} ({m['usable_cpus']} usable CPUs), "
+        f"{m['platform']}",
+        f"numpy {m['numpy']}, torch {m['torch'] or 'not installed'}, OpenMP "
+        f"{'on' if m['openmp'] else 'off' if m['openmp'] is False else 'unknown'}; "
+        f"dtype {cfg['dtype']}; medians of up to {cfg['repeats']} interleaved repeats",
+    ]
+    bw = ", ".join(f"{v:.1f} GB/s at {t} thread{'s' if int(t) > 1 else ''}"
+                   for t, v in report["copy_bandwidth_gbps"].items())
+    out.append(f"copy bandwidth ({cfg['copy_probe_bytes'] // 2**20} MiB, read + write): {bw}")
+    warning = busy_machine_warning(report)
+    if warning:
+        out.append(warning)
+    for n in cfg["threads"]:
+        rs = [r for r in report["results"] if r["threads"] == n]
+        if not rs:
+            continue
+        out += ["", f"== {n} thread{'s' if n > 1 else ''} ==", format_table(rs), "",
+                "Summary:", format_summary(rs)]
+    if len(cfg["threads"]) > 1:
+        out += ["", format_scaling(report["results"], cfg["threads"])]
+    tiny = report.get("tiny")
+    if tiny:
+        cells = ", ".join(f"{k} {v:.2f} us" for k, v in tiny["us"].items())
+        out += ["", f"Tiny call {shape_label(tiny['shape'])} eval, per call: {cells}"]
+        for k, v in tiny["errors"].items():
+            out.append(f"  ! {k}: {v}")
+    if warning:
+        out += ["", warning]
+    out += ["", LEGEND]
+    return "\n".join(out)
+
+
+LEGEND = """\
+Times in ms, medians. roof: minimum traffic (forward 2x size, backward 3x size)
+at the large-buffer copy bandwidth above. copy: parallel copy of the same input
+into the same output buffer (cache effects included). out=: cpubn writing into a
+preallocated buffer; cpubn: cpubn allocating its output, as NumPy and torch do.
+GB/s and xroof: minimum traffic / time, time / roof. vs: peer time / cpubn time;
+busy: the machine was busy during the case (the copy's median 1.5x its best repeat, or
+a peer's repeats spread 3x): no ratio is given, and the summary leaves it out.
+NumPy runs on one thread; torch for nhwc is channels_last. ERR: the peer raised;
+'!': cpubn's result disagrees with NumPy's (details in the JSON)."""
