@@ -15,7 +15,7 @@ import sys
 
 from .batchnorm import run_benchmarks, save_plot
 from .harness import (DRAM_COPY_BYTES, OPS, SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK,
-                      import_torch, parse_shape, parse_threads, shape_label)
+                      add_plot_option, import_torch, parse_shape, parse_threads, shape_label)
 from .plot import matplotlib_missing
 from .report import format_report
 
@@ -78,8 +78,7 @@ def build_parser():
                         "BatchNorm ('--sync --help' for its options)")
     p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="bar chart of the speedups (needs matplotlib: pip install 'cpubn[plot]')")
+    add_plot_option(p, "cpubn's speedups over NumPy and torch")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     # Size of the DRAM copy-bandwidth probe; tests shrink it.
     p.add_argument("--copy-mib", type=int, default=DRAM_COPY_BYTES // 2**20, help=argparse.SUPPRESS)

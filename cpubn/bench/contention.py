@@ -19,9 +19,11 @@ import time
 
 import numpy as np
 
-from .harness import (SHAPES_DEFAULT, SHAPES_QUICK, import_torch, layouts_for, ops_for,
-                      parse_shape, shape_label)
+from .harness import (SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK, add_plot_option,
+                      add_size_options, import_torch, layouts_for, ops_for, parse_shape,
+                      shape_label)
 from .peers import BenchBuffers, build_peers
+from .plot import bar, matplotlib_missing, save_ratio_plot
 
 P90_TARGET = 1.5        # default-thread p90 / one-thread median
 MEDIAN_NOISE = 1.10     # default-thread median / one-thread median counted as "no worse"
@@ -34,17 +36,18 @@ def build_parser():
         prog="python -m cpubn bench --contention",
         description="Median and 90th-percentile call times beside one busy process: cpubn "
                     "at 1 thread and at its default thread count, NumPy, PyTorch.")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and samples")
+    add_size_options(p, "the whole shape set of 'bench --full', 101 samples")
     p.add_argument("--shape", type=parse_shape, action="append", metavar="N,C[,H,W...]",
                    help="this shape (NCHW notation) instead of the set; repeatable")
     p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     p.add_argument("--samples", type=int, metavar="K",
-                   help="timed calls per peer and case (default: 41, --quick 21; fewer for "
-                        "slow peers once a case has run 20 s)")
+                   help="timed calls per peer and case (default: 41, --quick 21, --full "
+                        "101; fewer for slow peers once a case has run 20 s)")
     p.add_argument("--quiet", action="store_true",
                    help="do not start the busy process (a baseline to compare with)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
+    add_plot_option(p, "each peer's call times over cpubn's one-thread median")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -136,9 +139,10 @@ def format_report(report):
 
 
 def run(args, cpubn, torch):
-    shapes = list(dict.fromkeys(args.shape or (SHAPES_QUICK if args.quick else SHAPES_DEFAULT)))
+    shapes = list(dict.fromkeys(args.shape or (SHAPES_QUICK if args.quick else
+                                               SHAPES_FULL if args.full else SHAPES_DEFAULT)))
     layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
-    samples = args.samples or (21 if args.quick else 41)
+    samples = args.samples or (21 if args.quick else 101 if args.full else 41)
     cpubn.set_num_threads(None)                  # "default" is the automatic setting
     default_threads = cpubn.get_num_threads()
     torch_threads = None
@@ -164,7 +168,9 @@ def run(args, cpubn, torch):
                                               default_threads, samples)
                     report["results"].append({"shape": list(shape), "layout": layout,
                                               "op": op, "stats": summarize(times),
-                                              "errors": errors})
+                                              "errors": errors,
+                                              "samples_ms": {name: [1e3 * t for t in s]
+                                                             for name, s in times.items()}})
     finally:
         if busy is not None:
             busy.kill()
@@ -174,10 +180,30 @@ def run(args, cpubn, torch):
     return report
 
 
+def save_plot(report, path):
+    """Every peer's single-call times over cpubn's one-thread median in the same case:
+    the bar is the median, the whiskers show the tail (the p90 target is 1.5x)."""
+    bars = []
+    for r in report["results"]:
+        samples = r["samples_ms"]
+        one = r["stats"].get("cpubn 1 thread", {}).get("median_ms")
+        if not one:
+            continue
+        for name, s in samples.items():
+            bars.append(bar(None, r["op"], f"{shape_label(r['shape'])} {r['layout']}", name,
+                            [t / one for t in s]))
+    save_ratio_plot(path, bars, cols=OPS, title=report["header"].split(":")[0] + ": "
+                    + ("quiet machine" if not report["busy"] else "beside one busy process"),
+                    xlabel="call time / cpubn's one-thread median (x), log scale; < 1: faster",
+                    note=report["header"].split(": ", 1)[1])
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.samples is not None and args.samples < 3:
         print("error: --samples must be >= 3", file=sys.stderr)
+        return 2
+    if args.plot and matplotlib_missing():
         return 2
     import cpubn
 
@@ -188,4 +214,6 @@ def main(argv: list[str]) -> int:
         import json
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        save_plot(report, args.plot)
     return 1 if any("cpubn" in r["errors"] for r in report["results"]) else 0

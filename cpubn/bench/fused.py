@@ -32,10 +32,14 @@ import numpy as np
 
 from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
                       time_groups, torch_view)
+from .plot import matplotlib_missing, save_ratio_plot, sweep_bars
 from .report import format_sweep
 
 SHAPES_DEFAULT = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024), (1, 64, 56, 56))
 SHAPES_QUICK = ((32, 64, 56, 56), (1, 64, 56, 56))
+SHAPES_FULL = ((32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
+               (8, 64, 112, 112), (256, 1024), (1, 64, 56, 56))
+SHAPES = {"quick": SHAPES_QUICK, "default": SHAPES_DEFAULT, "full": SHAPES_FULL}
 OPS = ("train", "eval", "backward")
 PEERS = ("bn", "fused", "fused+res", "unfused", "unfused+res", "torch_bn", "torch",
          "torch+res")
@@ -186,6 +190,19 @@ def format_report(report):
                         footer)
 
 
+def save_plot(report, path):
+    """The cost of fusing (fused / BN alone) and of not fusing (unfused / BN alone)."""
+    m, cfg = report["machine"], report["config"]
+    pairs = {f"{a}/{b}": (a, b) for a, b in RATIOS[:4]}
+    save_ratio_plot(
+        path, sweep_bars(report["results"], pairs), cols=OPS,
+        title=f"cpubn {m['cpubn']}: fused BN+ReLU (+ residual) against BN alone, "
+              f"{cfg['dtype']}, {m['cpu']} ({m['usable_cpus']} CPUs)",
+        xlabel="time / time of BN alone (x), log scale; 1: free, < 1: faster",
+        note=f"medians of up to {cfg['repeats']} interleaved repeats; unfused: cpubn's BN, "
+             "then NumPy's in-place add and maximum")
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m cpubn bench --fused",
@@ -200,9 +217,11 @@ def main(argv=None):
     """``python -m cpubn bench --fused [options]``; argv without ``--fused``."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     dtype = np.dtype(args.dtype)
-    report = run_sweep(args, SHAPES_DEFAULT, SHAPES_QUICK, OPS, {"dtype": dtype.name},
+    if args.plot and matplotlib_missing():
+        return 2
+    report = run_sweep(args, SHAPES, OPS, {"dtype": dtype.name},
                        lambda shape, rng: FusedBuffers(shape, dtype, rng), run_case,
-                       format_report)
+                       format_report, save_plot)
     if report is None:
         return 2
     failed = any(name in r["errors"] for r in report["results"]

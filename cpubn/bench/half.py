@@ -20,10 +20,14 @@ import numpy as np
 
 from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
                       time_groups, torch_view)
+from .plot import matplotlib_missing, save_ratio_plot, sweep_bars
 from .report import format_sweep
 
 SHAPES_DEFAULT = ((32, 64, 56, 56), (32, 256, 28, 28), (32, 2048, 7, 7), (256, 1024))
 SHAPES_QUICK = ((32, 64, 56, 56),)
+SHAPES_FULL = ((32, 64, 56, 56), (32, 256, 56, 56), (32, 256, 28, 28), (32, 512, 28, 28),
+               (32, 2048, 7, 7), (8, 64, 112, 112), (256, 1024))
+SHAPES = {"quick": SHAPES_QUICK, "default": SHAPES_DEFAULT, "full": SHAPES_FULL}
 OPS = ("train", "eval", "backward")
 
 
@@ -136,6 +140,20 @@ def format_report(report):
                         [name for name in ratio_names if name.startswith("cpubn")], OPS, footer)
 
 
+def save_plot(report, path):
+    """The speedup of half-precision data over float32 data, for cpubn and torch."""
+    m, cfg = report["machine"], report["config"]
+    pairs = {f"{peer} float32/{d}": (f"{peer}_float32", f"{peer}_{d}")
+             for peer in ("cpubn", "torch") for d in cfg["dtypes"][1:]}
+    save_ratio_plot(
+        path, sweep_bars(report["results"], pairs), cols=OPS,
+        title=f"cpubn {m['cpubn']}: half-precision data against float32 data, "
+              f"{m['cpu']} ({m['usable_cpus']} CPUs)",
+        xlabel="float32 time / half-precision time (x), log scale; > 1: half precision is faster",
+        note=f"medians of up to {cfg['repeats']} interleaved repeats; float32 parameters; "
+             f"torch {m['torch'] or 'not installed'}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m cpubn bench --half",
@@ -149,10 +167,12 @@ def main(argv=None):
     """``python -m cpubn bench --half [options]``; argv without ``--half``."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     dtypes = half_dtypes()
-    report = run_sweep(args, SHAPES_DEFAULT, SHAPES_QUICK, OPS,
+    if args.plot and matplotlib_missing():
+        return 2
+    report = run_sweep(args, SHAPES, OPS,
                        {"dtypes": [d.name for d in dtypes]},
                        lambda shape, rng: HalfBuffers(shape, dtypes, rng), run_case,
-                       format_report)
+                       format_report, save_plot)
     if report is None:
         return 2
     failed = any(name.startswith("cpubn") for r in report["results"] for name in r["errors"])

@@ -206,9 +206,28 @@ def paired_ratios(numerators, denominators):
     return [a / b for a, b in zip(numerators, denominators) if b > 0]
 
 
+def add_size_options(parser, full_help="the whole shape set, more repeats"):
+    """--quick and --full (exclusive), which every bench accepts."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    size.add_argument("--full", action="store_true", help=full_help)
+
+
+def add_plot_option(parser, what="the ratios"):
+    """--plot FILE.png, which every bench accepts (the figure: cpubn.bench.plot)."""
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help=f"a figure of {what}, with their spread over the repeats "
+                             "(needs matplotlib: pip install 'cpubn[plot]')")
+
+
+# The sweeps' modes: (most interleaved repeats, seconds after which a case stops repeating
+# once it has MIN_REPEATS).
+SWEEP_MODES = {"quick": (5, 0.5), "default": (11, 1.5), "full": (21, 3.0)}
+
+
 def add_sweep_options(parser):
-    """The options shared by the variant benches (--fused, --half)."""
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    """The options shared by the sweep benches (--fused, --half)."""
+    add_size_options(parser, "more shapes and up to 21 repeats")
     parser.add_argument("--shape", type=parse_shape, action="append", metavar="N,C[,H,W...]",
                         help="benchmark this shape (NCHW notation) instead of the set; "
                              "repeatable")
@@ -219,29 +238,34 @@ def add_sweep_options(parser):
     parser.add_argument("--no-torch", action="store_true",
                         help="skip PyTorch even if installed")
     parser.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
+    add_plot_option(parser)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
-def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run_case,
-              format_report):
-    """A variant bench (--fused, --half) over its options: every (shape, threads, layout,
+def run_sweep(args, shapes, ops, config, make_buffers, run_case, format_report,
+              save_plot=None):
+    """A sweep bench (--fused, --half) over its options: every (shape, threads, layout,
     op) case, buffers made once per shape (make_buffers(shape, rng)), torch's thread count
     matched and restored; run_case(cpubn, torch, buf, layout, op, n_threads, repeats,
-    budget_s) returns each record.  Prints format_report(report) and writes the --json
-    file; returns the report, or None after a usage error."""
+    budget_s) returns each record, with its per-peer ``samples_ms``, to which ``busy`` is
+    added (see busy_reason).  ``shapes``: mode ('quick', 'default', 'full') -> shape set.
+    Prints format_report(report), writes the --json file and the --plot figure
+    (save_plot(report, path)); returns the report, or None after a usage error."""
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return None
     import cpubn
 
     torch = None if args.no_torch else import_torch()
-    repeats = args.repeats or (5 if args.quick else 11)
-    budget_s = None if args.repeats else (0.5 if args.quick else 1.5)
-    shapes = list(dict.fromkeys(args.shape or (shapes_quick if args.quick else shapes_default)))
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    repeats, budget_s = SWEEP_MODES[mode]
+    if args.repeats:
+        repeats, budget_s = args.repeats, None
+    shapes = list(dict.fromkeys(args.shape or shapes[mode]))
     layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
     threads = args.threads or [cpubn.get_num_threads()]
     report = {"machine": machine_info(cpubn, torch),
-              "config": dict(config, threads=threads, repeats=repeats,
+              "config": dict(config, mode=mode, threads=threads, repeats=repeats,
                              shapes=[list(s) for s in shapes], layouts=list(layouts)),
               "results": []}
     torch_threads = torch.get_num_threads() if torch is not None else None
@@ -257,8 +281,10 @@ def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run
                         for op in ops_for(shape, ops):
                             print(f"{shape_label(shape)} {layout} {op}, {n} thread(s)",
                                   file=sys.stderr, flush=True)
-                            report["results"].append(
-                                run_case(cpubn, torch, buf, layout, op, n, repeats, budget_s))
+                            record = run_case(cpubn, torch, buf, layout, op, n, repeats,
+                                              budget_s)
+                            record["busy"] = busy_reason(record.get("samples_ms", {}))
+                            report["results"].append(record)
             del buf
     finally:
         if torch is not None:
@@ -267,6 +293,8 @@ def run_sweep(args, shapes_default, shapes_quick, ops, config, make_buffers, run
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot and save_plot is not None:
+        save_plot(report, args.plot)
     return report
 
 

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from .harness import paired_ratios, shape_label
+
 INSTALL_HINT = ("--plot needs matplotlib, which is not installed "
                 "(pip install matplotlib, or pip install 'cpubn[plot]')")
 
@@ -24,7 +26,9 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 # Tick candidates: dense enough to read 1.5x or 0.7x, thinned to PREFERRED_TICKS on a wide axis.
 TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50,
          70, 100, 200, 500, 1000)
-TICK_SETS = (TICKS,
+TICK_SETS = ((0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.1, 1.2, 1.3, 1.5, 1.7, 2),
+             (0.3, 0.5, 0.7, 0.8, 1, 1.2, 1.5, 2, 2.5, 3, 4, 5),
+             TICKS,
              (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
              (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000),
              (0.01, 0.1, 1, 10, 100, 1000))
@@ -63,7 +67,7 @@ def _ticks(lo, hi):
 
 
 def _fmt_ratio(v):
-    return f"{v:.3g}x" if v < 10 else f"{v:.0f}x"
+    return f"{v:.2f}x" if v < 10 else f"{v:.0f}x"
 
 
 def save_ratio_plot(path, bars, *, title, xlabel, rows=None, cols=None, series=None,
@@ -93,17 +97,20 @@ def save_ratio_plot(path, bars, *, title, xlabel, rows=None, cols=None, series=N
     slot = 0.16 * max(2, len(series)) + 0.12            # inches per case
     label_width = max([len(b["label"]) for b in bars] + [8]) * 0.075
     height = sum(0.5 + slot * n for n in per_row) + 1.3
-    width = label_width + 3.6 * len(cols) + 0.4
+    width = max(8.0, label_width + 3.6 * len(cols) + 0.4)
+    legend_cols = max(1, min(len(series), int(width // (0.075 * max(map(len, series or ["x"])) + 0.6))))
+    legend_rows = math.ceil(len(series) / legend_cols) if series else 0
+    height += 0.22 * legend_rows
     fig, axes = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True,
                              figsize=(width, height),
                              gridspec_kw={"height_ratios": [0.5 + slot * n for n in per_row]})
 
-    # The axis spans the medians and interquartile ranges, and the min-max of quiet cases:
-    # a busy case's stray repeat must not squeeze every other bar (its whisker is clipped).
-    values = [v for b in bars for v in (b["q1"], b["q3"], b["median"])
-              + (() if b["busy"] else (b["min"], b["max"]))] or [1.0]
-    lo = min(min(values), 1.0) / 1.6
-    hi = max(max(values), 1.0) * 2.6                      # room for the value labels
+    # The axis spans the medians and interquartile ranges: one stray repeat must not
+    # squeeze every other bar (a min-max whisker beyond the axis runs to its edge).
+    values = [v for b in bars for v in (b["q1"], b["q3"], b["median"])] or [1.0]
+    lo, hi = min(min(values), 1.0) / 1.2, max(max(values), 1.0) * 1.1
+    # Room right of the longest bar for its value label (about a sixth of the axis).
+    hi *= 10 ** (0.2 * math.log10(hi / lo) + 0.05)
     band = 0.8 / max(1, len(series))
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
@@ -152,8 +159,10 @@ def save_ratio_plot(path, bars, *, title, xlabel, rows=None, cols=None, series=N
         axes[i, 0].set_ylabel("")
     fig.supxlabel(xlabel, fontsize=8, y=(0.32 + 0.13 * bool(note)) / height)
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[s]) for s in series]
-    fig.legend(handles, series, loc="upper right", ncol=min(len(series), 4), fontsize=8,
-               frameon=False, bbox_to_anchor=(1.0, 1.0))
+    if series:
+        fig.legend(handles, series, loc="upper left", ncol=legend_cols, fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.0, 1 - 0.3 / height), borderaxespad=0.2,
+                   handlelength=1.2, columnspacing=1.5)
     fig.suptitle(title, fontsize=10, x=0.01, ha="left", y=0.995)
     caption = ("bar: median ratio; thick whisker: interquartile range, thin: min-max of the "
                "per-repeat ratios")
@@ -162,9 +171,31 @@ def save_ratio_plot(path, bars, *, title, xlabel, rows=None, cols=None, series=N
     if note:
         caption += "\n" + note
     fig.text(0.01, 0.005, caption, fontsize=7, color="0.3", ha="left", va="bottom")
-    top = 1 - 0.75 / height
+    top = 1 - (0.75 + 0.22 * legend_rows) / height
     bottom = (0.8 + 0.13 * bool(note)) / height
     fig.subplots_adjust(left=label_width / width + 0.01, right=0.98, top=top, bottom=bottom,
-                        hspace=0.45 + 0.2 / max(1, len(rows)), wspace=0.55 * label_width / 3.6)
+                        # spaces between panels, as fractions of a panel's mean height/width
+                        hspace=0.75 * len(rows) / sum(slot * n for n in per_row),
+                        wspace=(label_width + 0.3) / 3.6)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def threads_label(n):
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def sweep_bars(results, pairs):
+    """Bars of a sweep's records (fused, half): ``pairs`` maps a series (a ratio's name in
+    ``record["ratios"]``) to its (numerator, denominator) peers, whose samples were taken
+    in the same rounds.  Panels: a row per thread count, a column per operation."""
+    bars = []
+    for r in results:
+        samples = r.get("samples_ms", {})
+        for name, (a, b) in pairs.items():
+            if a in samples and b in samples:
+                bars.append(bar(threads_label(r["threads"]), r["op"],
+                                f"{shape_label(r['shape'])} {r['layout']}", name,
+                                paired_ratios(samples[a], samples[b]), busy=r.get("busy"),
+                                median=r["ratios"].get(name)))
+    return bars

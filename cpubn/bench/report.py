@@ -32,18 +32,30 @@ def format_sweep(header, results, threads, peers, ratio_names, summarized, ops, 
         lines += ["", f"== {label}: ratios (same run) ==",
                   f"{'shape':<14} {'layout':<6} {'op':<8} "
                   + " ".join(f"{name:>{ratio_width}}" for name in ratio_names)]
-        lines += [row_label(r) + cells(r, "ratios", ratio_names, ratio_width, 2)
+        lines += [row_label(r) + (" " + f"busy ({r['busy']})" if r.get("busy") else
+                                  cells(r, "ratios", ratio_names, ratio_width, 2))
                   for r in records]
         for op in ops:
             for name in summarized:
-                values = [r["ratios"][name] for r in records
-                          if r["op"] == op and name in r["ratios"]]
+                cases = [r for r in records if r["op"] == op and name in r["ratios"]]
+                values = [r["ratios"][name] for r in cases if not r.get("busy")]
+                left_out = len(cases) - len(values)
+                note = f" ({left_out} busy case{'s' if left_out > 1 else ''} left out)" \
+                    if left_out else ""
                 if values:
                     lines.append(f"  {op}: median {name} {statistics.median(values):.2f} over "
-                                 f"{len(values)} cases")
+                                 f"{len(values)} cases{note}")
+                elif cases:
+                    lines.append(f"  {op}: {name}: no result, the machine was busy in all "
+                                 f"{len(cases)} cases")
         for r in records:
             for name, error in r["errors"].items():
                 lines.append(f"  ! {row_label(r).rstrip()} {name}: {error}")
+    busy = sum(bool(r.get("busy")) for r in results)
+    if busy:
+        lines += ["", f"WARNING: this machine was visibly busy during {busy} of {len(results)} "
+                      "cases (a peer's repeats spread 3x or more): their ratios are not "
+                      "results (shown as 'busy'); rerun on a quiet machine."]
     return "\n".join(lines + ["", footer])
 
 

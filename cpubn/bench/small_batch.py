@@ -14,7 +14,8 @@ import numpy as np
 
 import cpubn
 
-from .harness import parse_shape
+from .harness import add_plot_option, add_size_options, paired_ratios, parse_shape, shape_label
+from .plot import bar, matplotlib_missing, save_ratio_plot
 
 DEFAULT_SHAPE = (256, 64, 28, 28)
 
@@ -73,14 +74,43 @@ def main(argv=None):
                         metavar="N,C[,H,W...]", help="channels-first shape (default 256,64,28,28)")
     parser.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     parser.add_argument("--ghost", type=int, default=32, help="ghost batch size (default 32)")
-    parser.add_argument("--repeats", type=int, default=20, help="interleaved repeats (default 20)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved repeats (default 20, --quick 5, --full 60)")
+    add_size_options(parser, "60 repeats (one shape: there is no larger set)")
+    add_plot_option(parser, "each layer's time over BatchNorm's")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.ghost < 1 or len(args.shape) < 2:
+    repeats = args.repeats if args.repeats is not None else \
+        5 if args.quick else 60 if args.full else 20
+    if repeats < 1 or args.ghost < 1 or len(args.shape) < 2:
         parser.error("--repeats and --ghost must be positive, --shape needs N and C")
+    if args.plot and matplotlib_missing():
+        return 2
     layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
+    results = {}
     for i, layout in enumerate(layouts):
         if i:
             print()
-        print(format_report(args.shape, layout,
-                            measure(args.shape, layout, args.ghost, args.repeats)), flush=True)
+        results[layout] = measure(args.shape, layout, args.ghost, repeats)
+        print(format_report(args.shape, layout, results[layout]), flush=True)
+    if args.plot:
+        save_plot(args.shape, results, repeats, args.plot)
     return 0
+
+
+def save_plot(shape, results, repeats, path):
+    """Each layer's forward, backward and step time over BatchNorm's, per layout."""
+    bars = []
+    for layout, times in results.items():
+        base_fwd, base_bwd = times["BatchNorm"]
+        for name, (fwd, bwd) in times.items():
+            steps = [f + b for f, b in zip(fwd, bwd)]
+            base_steps = [f + b for f, b in zip(base_fwd, base_bwd)]
+            for series, a, b in (("forward", fwd, base_fwd), ("backward", bwd, base_bwd),
+                                 ("step", steps, base_steps)):
+                bars.append(bar(None, layout, name, series, paired_ratios(a, b),
+                                median=statistics.median(a) / statistics.median(b)))
+    save_ratio_plot(path, bars, title=f"cpubn {cpubn.__version__}: small-batch layers against "
+                    f"BatchNorm, {shape_label(shape)} float32, {cpubn.get_num_threads()} threads",
+                    xlabel="time / BatchNorm's time (x), log scale; < 1: faster",
+                    note=f"medians of {repeats} interleaved repeats; training forward and "
+                         "backward with out=")

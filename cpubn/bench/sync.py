@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from .harness import parse_shape
+from .harness import add_plot_option, add_size_options, paired_ratios, parse_shape
+from .plot import bar, matplotlib_missing, save_ratio_plot
 
 CHILD_ENV = "CPUBN_BENCH_SYNC_CHILD"
 DEFAULT_SHAPES = ((32, 64, 56, 56), (8, 16))
@@ -39,17 +40,21 @@ def _parser():
     p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads per process (default: CPUs / processes, at least 1)")
-    p.add_argument("--repeats", type=int, default=15, help="interleaved repeats (default 15)")
-    p.add_argument("--quick", action="store_true", help="small shapes, 5 repeats")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats (default 15, --quick 5, --full 31)")
+    add_size_options(p, "31 repeats (the same shapes: there is no larger set)")
     p.add_argument("--json", metavar="FILE", help="write the measurements to FILE as JSON")
+    add_plot_option(p, "SyncBatchNorm's time over BatchNorm's")
     return p
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.processes < 1 or args.repeats < 1:
+    if args.processes < 1 or (args.repeats is not None and args.repeats < 1):
         print("error: --processes and --repeats must be positive", file=sys.stderr)
+        return 2
+    if args.plot and matplotlib_missing():
         return 2
     if os.environ.get(CHILD_ENV) != "1":
         return _relaunch(args, argv)
@@ -141,7 +146,7 @@ def _measure(args):
     if args.threads:
         cpubn.set_num_threads(args.threads)
     shapes = args.shape or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    repeats = 5 if args.quick and args.repeats == 15 else args.repeats
+    repeats = args.repeats or (5 if args.quick else 31 if args.full else 15)
     layouts = ("nchw", "nhwc") if args.layout == "both" else (args.layout,)
     rank = comm.Get_rank()
     if rank == 0:
@@ -175,11 +180,31 @@ def _measure(args):
               "communicating and waiting for the other processes; Allgather: one bare "
               "exchange of 7 + 2C doubles; 2 colls: the two bare exchanges' share of the "
               "SyncBN step")
+        report = {"processes": comm.Get_size(), "threads": cpubn.get_num_threads(),
+                  "cpubn": cpubn.__version__, "repeats": repeats, "cases": results}
         if args.json:
             with open(args.json, "w") as file:
-                json.dump({"processes": comm.Get_size(), "threads": cpubn.get_num_threads(),
-                           "cases": results}, file, indent=1)
+                json.dump(report, file, indent=1)
+        if args.plot:
+            save_plot(report, args.plot)
     return 0
+
+
+def save_plot(report, path):
+    """SyncBatchNorm's step (and forward, and step on COMM_SELF) over BatchNorm's, per
+    case, with the spread of the per-repeat ratios."""
+    series = {"SyncBN step / BatchNorm step": ("sync", "local"),
+              "SyncBN forward / BatchNorm forward": ("sync forward", "local forward"),
+              "SyncBN step on COMM_SELF / BatchNorm step": ("sync alone", "local")}
+    bars = [bar(None, None, f"{'x'.join(map(str, c['shape']))} {c['layout']}", name,
+                paired_ratios(c["samples_s"][a], c["samples_s"][b]),
+                median=c["medians_s"][a] / c["medians_s"][b])
+            for c in report["cases"] for name, (a, b) in series.items()]
+    save_ratio_plot(path, bars, title=f"cpubn {report['cpubn']}: SyncBatchNorm against "
+                    f"BatchNorm, {report['processes']} processes x {report['threads']} "
+                    f"thread(s), float32", xlabel="time / BatchNorm's time (x), log scale",
+                    note=f"medians of {report['repeats']} interleaved repeats, each the "
+                         "slowest process's time; shapes per process")
 
 
 def _ms(seconds):
