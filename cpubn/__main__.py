@@ -16,7 +16,7 @@ commands:
 'python -m cpubn COMMAND --help' describes a command's options."""
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -2,14 +2,17 @@
 output buffer.  No validation of user input here (see _validation) and no state (see
 _module); the per-call work in Python is choosing views and allocating outputs.
 """
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 # _thread_control first: it loads the OpenMP runtime with cpubn's wait policy, which
 # must happen before the kernel modules (linked against the runtime) are imported.
 from ._thread_control import threads_for  # isort: skip
 from . import _backward, _forward
 from ._overflow import all_finite, redo_backward_sums, redo_forward_statistics
-from ._layout import plan
+from ._layout import Layout, plan
 from ._validation import is_half
 
 
@@ -18,11 +21,14 @@ from ._validation import is_half
 # Smaller outputs are left in cache, where the next layer finds them.
 STREAM_MIN_BYTES = 16 << 20
 
+# What a backward returns: (dx, grads, dresidual), see backward.
+BackwardResult = tuple[NDArray[Any], NDArray[np.float64], NDArray[Any] | None]
+
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
 
-def param_dtype(x_dtype, *arrays):
+def param_dtype(x_dtype: np.dtype[Any], *arrays: object) -> np.dtype[Any]:
     """The dtype the kernels read per-channel arrays in: that of the first array given,
     float32 or else float64.  Half-precision data always takes float32 parameters
     (PyTorch's "mixed type"): the kernels compute it in float32."""
@@ -31,25 +37,29 @@ def param_dtype(x_dtype, *arrays):
     dtype = x_dtype
     for a in arrays:
         if a is not None:
-            dtype = getattr(a, "dtype", _FLOAT64)
+            dtype = getattr(a, "dtype", _FLOAT64)    # lists: converted to float64
             break
     return _FLOAT32 if dtype == _FLOAT32 else _FLOAT64
 
 
-def param_arrays(channels, x_dtype, *arrays):
+def param_arrays(channels: int, x_dtype: np.dtype[Any],
+                 *arrays: object) -> list[NDArray[Any] | None]:
     """Per-channel arrays as contiguous arrays of one float dtype (param_dtype), as the
     kernels require (None stays None: gamma = 1, beta = 0).  Guards the kernels against
     attributes a user replaced with arrays of another length, dtype or memory layout.
     Arrays that already qualify are returned as they are (the same objects)."""
     dtype = param_dtype(x_dtype, *arrays)
-    converted = []
-    for a in arrays:
-        if a is not None:
-            if type(a) is not np.ndarray or a.dtype.kind != "f":
-                a = np.asarray(a)
+    converted: list[NDArray[Any] | None] = []
+    for item in arrays:
+        a: NDArray[Any] | None = None
+        if item is not None:
+            if type(item) is not np.ndarray or item.dtype.kind != "f":
+                a = np.asarray(item)
                 if a.dtype.kind != "f":
                     raise TypeError(f"per-channel parameters and statistics must be float "
                                     f"arrays, got dtype {a.dtype}")
+            else:
+                a = item
             if a.shape != (channels,):
                 raise ValueError(f"per-channel array has shape {a.shape}, expected ({channels},)")
             if not (a.dtype == dtype and a.flags.c_contiguous):
@@ -58,7 +68,7 @@ def param_arrays(channels, x_dtype, *arrays):
     return converted
 
 
-def _output(dtype, layout, out):
+def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None) -> NDArray[Any]:
     """The dense buffer the kernel writes.  With an `out` whose memory order differs from
     the input's, that is a temporary, copied into out by _finish."""
     if out is not None:
@@ -68,7 +78,7 @@ def _output(dtype, layout, out):
     return layout.new_dense(dtype)
 
 
-def _finish(dense_out, layout, out):
+def _finish(dense_out: NDArray[Any], layout: Layout, out: NDArray[Any] | None) -> NDArray[Any]:
     if out is None:
         return layout.to_user(dense_out)
     if dense_out is not out and dense_out.base is not out:    # a temporary (see _output)
@@ -85,7 +95,9 @@ class Saved:
 
     __slots__ = ("x_dense", "layout", "stats", "batch_stats", "y_dense", "residual")
 
-    def __init__(self, x_dense, layout, stats, batch_stats, y_dense=None, residual=False):
+    def __init__(self, x_dense: NDArray[Any], layout: Layout, stats: NDArray[np.float64],
+                 batch_stats: bool, y_dense: NDArray[Any] | None = None,
+                 residual: bool = False) -> None:
         self.x_dense = x_dense
         self.layout = layout
         self.stats = stats
@@ -94,25 +106,28 @@ class Saved:
         self.residual = residual
 
     @property
-    def channels(self):
+    def channels(self) -> int:
         return self.layout.kernel_dims[1]
 
     @property
-    def mean(self):
+    def mean(self) -> NDArray[np.float64]:
         return self.stats[:self.channels]
 
     @property
-    def invstd(self):
+    def invstd(self) -> NDArray[np.float64]:
         return self.stats[self.channels:2 * self.channels]
 
     @property
-    def batch_var(self):
+    def batch_var(self) -> NDArray[np.float64]:
         """Biased batch variance (batch-statistics forwards only)."""
         return self.stats[2 * self.channels:]
 
 
-def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None,
-            params_checked=False, residual=None, relu=False):
+def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+            bias: NDArray[Any] | None, eps: float,
+            out: NDArray[Any] | None, running_mean: NDArray[Any] | None = None,
+            running_var: NDArray[Any] | None = None, params_checked: bool = False,
+            residual: NDArray[Any] | None = None, relu: bool = False) -> tuple[NDArray[Any], Saved]:
     """Normalize x with batch statistics (running_mean is None) or the given ones;
     returns (y, Saved).  params_checked: the per-channel arrays already went through
     param_arrays (the BatchNorm object caches that check).  residual (an array like x, in
@@ -147,7 +162,8 @@ def forward(x, axis, weight, bias, eps, out, running_mean=None, running_var=None
                                                 residual is not None)
 
 
-def backward(dy, saved, weight, out):
+def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
+             out: NDArray[Any] | None) -> BackwardResult:
     """(dx, grads, dresidual) for the forward that produced `saved`; grads is a float64
     array holding grad_weight[C] then grad_bias[C]; dresidual is the gradient of a fused
     forward's residual (None without one).  A forward with ReLU differentiates through
@@ -170,7 +186,8 @@ def backward(dy, saved, weight, out):
     return _finish(dx_dense, layout, out), grads, dresidual
 
 
-def update_running_stats(running_mean, running_var, saved, count, factor):
+def update_running_stats(running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
+                         saved: Saved, count: int, factor: float) -> None:
     """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
     variance for running_var (PyTorch's convention).  Computed in float64, rounded once."""
     with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf
@@ -183,7 +200,7 @@ def update_running_stats(running_mean, running_var, saved, count, factor):
                                 + factor * unbiased_var)
 
 
-def batch_statistics(x, axis, eps):
+def batch_statistics(x: NDArray[Any], axis: int, eps: float) -> Saved:
     """A Saved (batch_stats=True, no output) holding the statistics a training forward of
     x would compute, bit for bit, without normalizing: for layers that normalize with
     other per-channel constants afterwards (forward with running_mean/running_var set to

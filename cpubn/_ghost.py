@@ -11,10 +11,13 @@ NCHW or NHWC, (N, C) rows) it is a dense slab the kernels read in place, so a gh
 is the same work as a BatchNorm step over the whole batch, done by one kernel call per
 chunk inside one layer call (each call splits its chunk over the threads as usual).
 """
+from typing import Any
+
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from . import _dispatch
-from ._layout import plan
+from ._layout import Layout, plan
 from ._module import BatchNorm
 from ._validation import check_batch_stats_possible, check_positive_int
 
@@ -36,7 +39,8 @@ class GhostSaved:
     __slots__ = ("x_dense", "layout", "y_dense", "residual", "chunks", "mean", "batch_var",
                  "ghost_var")
 
-    def __init__(self, x, layout, y, relu, residual, chunks):
+    def __init__(self, x: NDArray[Any], layout: Layout, y: NDArray[Any], relu: bool, residual: bool,
+                 chunks: list[tuple[int, int, _dispatch.Saved]]) -> None:
         self.x_dense = x
         self.layout = layout
         self.y_dense = y if relu else None
@@ -74,8 +78,10 @@ class GhostBatchNorm(BatchNorm):
       runs).
     """
 
-    def __init__(self, num_features, ghost_batch_size, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, activation=None):
+    def __init__(self, num_features: int, ghost_batch_size: int, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, axis: int = 1,
+                 dtype: DTypeLike = np.float32, activation: str | None = None) -> None:
         ghost_batch_size = check_positive_int(ghost_batch_size, "ghost_batch_size")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
@@ -86,16 +92,18 @@ class GhostBatchNorm(BatchNorm):
         self._ghost_batch_size = ghost_batch_size
 
     @property
-    def ghost_batch_size(self):
+    def ghost_batch_size(self) -> int:
         """Samples per ghost batch (a positive int; may be changed between calls)."""
         return self._ghost_batch_size
 
     @ghost_batch_size.setter
-    def ghost_batch_size(self, value):
+    def ghost_batch_size(self, value: int) -> None:
         self._ghost_batch_size = check_positive_int(value, "ghost_batch_size")
 
     # ------------------------------------------------------------------ kernels
-    def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
+    def _forward_batch_stats(self, x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+                             bias: NDArray[Any] | None, out: NDArray[Any] | None,
+                             residual: NDArray[Any] | None, relu: bool) -> tuple[NDArray[Any], Any]:
         size = self._ghost_batch_size
         n = x.shape[0]
         if not self.training or size >= n:
@@ -108,7 +116,7 @@ class GhostBatchNorm(BatchNorm):
         check_batch_stats_possible(x[starts[-1]:], axis)   # the smallest chunk is the last
         layout = plan(x, axis)
         y = layout.to_user(layout.new_dense(x.dtype)) if out is None else out
-        chunks = []
+        chunks: list[tuple[int, int, _dispatch.Saved]] = []
         for start in starts:
             stop = min(n, start + size)
             _, saved = _dispatch.forward(
@@ -118,10 +126,10 @@ class GhostBatchNorm(BatchNorm):
             chunks.append((start, stop, saved))
         return y, GhostSaved(x, layout, y, relu, residual is not None, chunks)
 
-    def _track_batch(self, saved, count):
+    def _track_batch(self, saved: Any, count: int) -> None:
         if not isinstance(saved, GhostSaved):
             return super()._track_batch(saved, count)
-        tracked = self.num_batches_tracked + 1
+        tracked = self.num_batches_tracked + 1     # type: ignore[operator]  # only when tracking
         factor = 1.0 / tracked if self.momentum is None else self.momentum
         self.running_mean[...] = ((1.0 - factor) * self.running_mean.astype(_FLOAT64)
                                   + factor * saved.mean)
@@ -130,7 +138,8 @@ class GhostBatchNorm(BatchNorm):
         self.num_batches_tracked = tracked
         return None
 
-    def _backward_kernel(self, dy, saved, weight, out):
+    def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,
+                         out: NDArray[Any] | None) -> _dispatch.BackwardResult:
         if not isinstance(saved, GhostSaved):
             return super()._backward_kernel(dy, saved, weight, out)
         layout = saved.layout
@@ -146,10 +155,10 @@ class GhostBatchNorm(BatchNorm):
         return dx, grads, dresidual
 
     # ------------------------------------------------------------------ state
-    def _config(self):
+    def _config(self) -> dict[str, Any]:
         return dict(super()._config(), ghost_batch_size=self._ghost_batch_size)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"GhostBatchNorm({self.num_features}, ghost_batch_size="
                 f"{self._ghost_batch_size}, eps={self.eps}, momentum={self.momentum}, "

@@ -7,11 +7,13 @@ an F-ordered or NHWC-strided array is as fast as a C-ordered one), and outputs a
 in the input's memory order.  Only arrays with gaps or negative strides are copied.
 """
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 _CACHE_SIZE = 256
-_cache = {}
+_cache: dict[tuple[tuple[int, ...], tuple[int, ...], int], "Layout"] = {}
 
 
 class Layout:
@@ -19,33 +21,35 @@ class Layout:
 
     __slots__ = ("shape", "perm", "inverse", "dense_shape", "kernel_dims")
 
-    def __init__(self, shape, perm, dense_shape, kernel_dims):
+    def __init__(self, shape: tuple[int, ...], perm: tuple[int, ...] | None,
+                 dense_shape: tuple[int, ...], kernel_dims: tuple[int, int, int]) -> None:
         self.shape = shape                # the user's shape
         self.perm = perm                  # axes in memory order; None = already C order
-        self.inverse = None if perm is None else tuple(np.argsort(perm))
+        self.inverse: tuple[int, ...] | None = (
+            None if perm is None else tuple(np.argsort(perm)))
         self.dense_shape = dense_shape    # shape after the permutation (C-contiguous)
         self.kernel_dims = kernel_dims    # (N, C, S); S == 1 means channels-last rows
 
-    def dense(self, a):
+    def dense(self, a: NDArray[Any]) -> NDArray[Any]:
         """a (of the user's shape) permuted into this layout's memory order, C-contiguous;
         a copy only if a's memory is not dense in that order."""
         dense = a if self.perm is None else a.transpose(self.perm)
         return dense if dense.flags.c_contiguous else np.ascontiguousarray(dense)
 
-    def dense_or_none(self, a):
+    def dense_or_none(self, a: NDArray[Any]) -> NDArray[Any] | None:
         """Like dense but None instead of a copy (for outputs written in place)."""
         dense = a if self.perm is None else a.transpose(self.perm)
         return dense if dense.flags.c_contiguous else None
 
-    def to_user(self, dense):
+    def to_user(self, dense: NDArray[Any]) -> NDArray[Any]:
         """A dense array back in the user's axis order (a view, in the input's memory order)."""
         return dense if self.perm is None else dense.transpose(self.inverse)
 
-    def new_dense(self, dtype):
+    def new_dense(self, dtype: DTypeLike) -> NDArray[Any]:
         return np.empty(self.dense_shape, dtype=dtype)
 
 
-def plan(x, axis):
+def plan(x: NDArray[Any], axis: int) -> Layout:
     """The Layout for array x (validated: ndim >= 2, 0 <= axis < ndim, non-empty).
     Layouts are cached by (shape, strides, axis): a training loop plans once."""
     key = (x.shape, x.strides, axis)
@@ -57,7 +61,8 @@ def plan(x, axis):
     return layout
 
 
-def _make_layout(x, axis):
+def _make_layout(x: NDArray[Any], axis: int) -> Layout:
+    perm: tuple[int, ...] | None
     if x.flags.c_contiguous:
         perm = None
     elif x.flags.f_contiguous:

@@ -1,13 +1,19 @@
 """LazyBatchNorm: a BatchNorm whose num_features comes from the first input it sees."""
 import contextlib
+import os
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from ._module import BatchNorm
 from ._validation import check_batch_stats_possible, check_data
 
 # The attributes whose size depends on num_features: absent (None) until materialized.
 _PER_CHANNEL = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
+
+_Lazy = TypeVar("_Lazy", bound="LazyBatchNorm")
 
 
 class LazyBatchNorm(BatchNorm):
@@ -38,8 +44,12 @@ class LazyBatchNorm(BatchNorm):
     * ``cpubn.fold_into_*`` refuse it.
     """
 
-    def __init__(self, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 axis=1, dtype=np.float32, activation=None):
+    # None until materialized (BatchNorm's is always an int).
+    num_features: int | None  # type: ignore[assignment]
+
+    def __init__(self, *, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, axis: int = 1,
+                 dtype: DTypeLike = np.float32, activation: str | None = None) -> None:
         # Keyword-only, unlike torch: LazyBatchNorm(64), written for BatchNorm(64), would
         # otherwise silently mean eps=64.
         # BatchNorm's constructor validates the hyperparameters; the one-channel state it
@@ -51,12 +61,12 @@ class LazyBatchNorm(BatchNorm):
         for name in _PER_CHANNEL:
             setattr(self, name, None)
 
-    def has_uninitialized_params(self):
+    def has_uninitialized_params(self) -> bool:
         """True until num_features is known (PyTorch's name for the same question)."""
         return self.num_features is None
 
     # ------------------------------------------------------------------ materialization
-    def _materialize(self, num_features):
+    def _materialize(self, num_features: int) -> None:
         """Become BatchNorm(num_features) with the current hyperparameters and mode.
         Running BatchNorm's own constructor (on BatchNorm's own config) keeps the two
         classes' state identical whatever BatchNorm grows."""
@@ -66,7 +76,7 @@ class LazyBatchNorm(BatchNorm):
         self.training, self.num_batches_tracked = training, count
 
     @contextlib.contextmanager
-    def _unmaterialized_on_error(self):
+    def _unmaterialized_on_error(self) -> Iterator[None]:
         """Materialize inside this block; if the block raises, undo it.  Materializing
         only rebinds attributes, so a shallow copy of __dict__ restores the layer."""
         before = dict(self.__dict__)
@@ -77,48 +87,55 @@ class LazyBatchNorm(BatchNorm):
             self.__dict__.update(before)
             raise
 
-    def _require_materialized(self, action):
+    def _require_materialized(self, action: str) -> None:
         if self.num_features is None:
             raise ValueError(f"{action}: {self!r} has not inferred num_features yet (call "
                              f"it on an input or load a state dict first)")
 
     # ------------------------------------------------------------------ BatchNorm API
-    def forward(self, x, *args, **kwargs):
+    def forward(self, x: ArrayLike, *args: Any, **kwargs: Any) -> NDArray[Any]:
         if self.num_features is None:
-            x, axis = check_data(x, self.axis)
+            data, axis = check_data(x, self.axis)
             if self.training or not self.track_running_stats:
-                check_batch_stats_possible(x, axis)
+                check_batch_stats_possible(data, axis)
             # Checks of the other arguments (out, ...) run inside BatchNorm.forward; if
             # they fail, the layer goes back to unmaterialized.
             with self._unmaterialized_on_error():
-                self._materialize(x.shape[axis])
-                return super().forward(x, *args, **kwargs)
+                self._materialize(data.shape[axis])
+                return super().forward(data, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
 
     forward.__doc__ = BatchNorm.forward.__doc__
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
+        """Set grad_weight and grad_bias to zero (nothing to do before materialization)."""
         if self.num_features is not None:
             super().zero_grad()
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
+        """Running mean to 0, running variance to 1, num_batches_tracked to 0 (before
+        materialization: only num_batches_tracked)."""
         if self.num_features is not None:
             super().reset_running_stats()
         elif self.track_running_stats:
             self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
+        """Running statistics to 0 / 1, weight to 1, bias to 0 (before materialization:
+        only num_batches_tracked)."""
         if self.num_features is not None:
             super().reset_parameters()
         else:
             self.reset_running_stats()
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
+        """Copies of the state under PyTorch's key names; raises ValueError before
+        materialization (unless the layer has no state: then ``{}``)."""
         if self.num_features is None and self._state_keys():
             self._require_materialized("state_dict()")
         return super().state_dict()
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Load a state dict as BatchNorm does; before materialization, num_features is
         first inferred from the length of its per-channel entries."""
         if self.num_features is not None:
@@ -132,12 +149,14 @@ class LazyBatchNorm(BatchNorm):
             self._materialize(num_features)
             super().load_state_dict(state_dict)
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the layer to an .npz file as BatchNorm.save does; raises ValueError before
+        materialization."""
         self._require_materialized("save()")
         super().save(path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls: type[_Lazy], path: str | os.PathLike[str]) -> _Lazy:
         """A materialized LazyBatchNorm from a file written by ``save`` (of BatchNorm or
         LazyBatchNorm)."""
         loaded = BatchNorm.load(path)
@@ -147,7 +166,7 @@ class LazyBatchNorm(BatchNorm):
         layer.__dict__.update(loaded.__dict__)
         return layer
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self.num_features is not None:
             return super().__repr__()
         activation = "" if self.activation is None else f", activation={self.activation!r}"
@@ -156,7 +175,7 @@ class LazyBatchNorm(BatchNorm):
                 f"axis={self.axis}{activation})")
 
 
-def _num_features_in(state_dict, keys):
+def _num_features_in(state_dict: Mapping[str, ArrayLike], keys: Collection[str]) -> int | None:
     """The length of the first per-channel entry of state_dict among keys, or None."""
     for key in keys:
         if key != "num_batches_tracked" and key in state_dict:
@@ -164,5 +183,6 @@ def _num_features_in(state_dict, keys):
             if len(shape) != 1 or shape[0] < 1:
                 raise ValueError(f"state dict entry {key!r} has shape {shape}, expected "
                                  f"(num_features,) with num_features >= 1")
-            return shape[0]
+            length: int = shape[0]
+            return length
     return None

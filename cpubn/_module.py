@@ -5,8 +5,11 @@ raises leaves the object exactly as it was.
 """
 import json
 import os
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dispatch
 from ._arrays import params_unchanged
@@ -16,6 +19,11 @@ from ._validation import (check_activation, check_axis, check_batch_stats_possib
                           check_state_array, is_half, overlaps_input)
 
 _FORMAT_VERSION = 1
+
+_Layer = TypeVar("_Layer", bound="BatchNorm")
+
+# (array, name) pairs for check_out's overlap tests.
+_NamedArrays = tuple[tuple[object, str], ...]
 
 
 class BatchNorm:
@@ -46,10 +54,59 @@ class BatchNorm:
     after a forward with a residual.  With ReLU it reads the mask from the forward's
     output (y > 0), keeping a reference to it instead of a copy: do not modify the
     returned y (or ``out``) in place before calling backward.
+
+    Attributes:
+        num_features (int): C, the length of the feature axis.
+        eps (float): added to the variance before its square root.
+        momentum (float or None): the running statistics' update factor; None gives a
+            cumulative average.
+        affine (bool): whether the layer has ``weight`` and ``bias``.
+        track_running_stats (bool): whether the layer keeps running statistics.
+        axis (int): the feature axis of the data (1: channels-first, -1: channels-last).
+        dtype (numpy.dtype): float32 or float64, the dtype of every per-channel array.
+        activation (str or None): the fused activation, ``"relu"`` or None.
+        training (bool): training mode (``train()``) or eval mode (``eval()``).
+        weight, bias (ndarray of shape (C,), or None): the affine parameters (gamma and
+            beta), updated in place by an optimizer; None when ``affine=False``.
+        grad_weight, grad_bias (ndarray of shape (C,), or None): the gradients that
+            ``backward`` adds to (``zero_grad()`` clears them); None when ``affine=False``.
+        running_mean, running_var (ndarray of shape (C,), or None): the running statistics
+            used in eval mode (variance unbiased, as in PyTorch); None when
+            ``track_running_stats=False``.
+        num_batches_tracked (int or None): training batches seen (the cumulative average's
+            count when ``momentum=None``); None when ``track_running_stats=False``.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, activation=None):
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    axis: int
+    dtype: np.dtype[Any]
+    activation: str | None
+    training: bool
+    # The per-channel arrays are None when the layer was built without them (affine=False,
+    # track_running_stats=False), a choice made at construction that the type cannot
+    # follow.  Typed `NDArray | Any` (typeshed's convention for such values) rather than
+    # `NDArray | None`, so that the usual code, `bn.weight -= lr * bn.grad_weight`, needs
+    # no None check to type-check.
+    weight: NDArray[Any] | Any
+    bias: NDArray[Any] | Any
+    grad_weight: NDArray[Any] | Any
+    grad_bias: NDArray[Any] | Any
+    running_mean: NDArray[Any] | Any
+    running_var: NDArray[Any] | Any
+    num_batches_tracked: int | None
+    # The last forward's record for backward: a _dispatch.Saved, or the subclass's own
+    # kind (GhostSaved, SyncBatchNorm's empty slice), which only its own hooks read.
+    _saved: Any
+    _checked_params: tuple[bool, int, np.dtype[Any] | None,
+                           tuple[NDArray[Any] | None, ...]] | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, axis: int = 1,
+                 dtype: DTypeLike = np.float32, activation: str | None = None) -> None:
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
@@ -77,10 +134,14 @@ class BatchNorm:
         self._checked_params = None
 
     # ------------------------------------------------------------------ forward / backward
-    def __call__(self, x, out=None, *, residual=None):
+    def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                 residual: ArrayLike | None = None) -> NDArray[Any]:
+        """``bn(x, out=None, residual=None)`` is ``bn.forward(x, out, residual=residual)``:
+        normalize x (see ``forward``)."""
         return self.forward(x, out, residual=residual)
 
-    def forward(self, x, out=None, *, residual=None):
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                residual: ArrayLike | None = None) -> NDArray[Any]:
         """Normalize x (features on ``self.axis``); returns y, or ``out`` if given.
 
         ``out``: an array of x's shape and dtype to write into.  It may be x itself (an
@@ -118,27 +179,32 @@ class BatchNorm:
     # Hooks for the layers built on BatchNorm (SyncBatchNorm, BatchRenorm, GhostBatchNorm):
     # they change how batch statistics are computed, tracked and differentiated, and
     # inherit validation, eval mode, state and everything else.
-    def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
+    def _forward_batch_stats(self, x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+                             bias: NDArray[Any] | None, out: NDArray[Any] | None,
+                             residual: NDArray[Any] | None,
+                             relu: bool) -> tuple[NDArray[Any], Any]:
         """Normalize validated x with batch statistics; returns (y, Saved).  The
         per-channel arrays are the kernel-ready ones from _kernel_params."""
         check_batch_stats_possible(x, axis)
         return _dispatch.forward(x, axis, weight, bias, self.eps, out, params_checked=True,
                                  residual=residual, relu=relu)
 
-    def _track_batch(self, saved, count):
+    def _track_batch(self, saved: Any, count: int) -> None:
         """After a training forward: count the batch and fold its statistics (saved.mean,
         saved.batch_var over `count` values per channel) into the running statistics."""
-        tracked = self.num_batches_tracked + 1
+        tracked = self.num_batches_tracked + 1     # type: ignore[operator]  # only when tracking
         factor = 1.0 / tracked if self.momentum is None else self.momentum
         _dispatch.update_running_stats(self.running_mean, self.running_var, saved, count,
                                        factor)
         self.num_batches_tracked = tracked
 
-    def _backward_kernel(self, dy, saved, weight, out):
+    def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,
+                         out: NDArray[Any] | None) -> _dispatch.BackwardResult:
         """(dx, grads, dresidual) for validated dy: see _dispatch.backward."""
         return _dispatch.backward(dy, saved, weight, out)
 
-    def _kernel_params(self, x_dtype):
+    def _kernel_params(self, x_dtype: np.dtype[Any]
+                       ) -> list[NDArray[Any] | None] | tuple[NDArray[Any] | None, ...]:
         """(weight, bias, running_mean, running_var) in the form the kernels need for data
         of dtype x_dtype (half-precision data reads them as float32).
 
@@ -162,20 +228,23 @@ class BatchNorm:
             self._checked_params = None
         return checked
 
-    def _check_writable(self, *names):
+    def _check_writable(self, *names: str) -> None:
         """Before writing several attributes in place: all of them must take the write,
         so that a failure leaves every one as it was."""
         for name in names:
             check_state_array(getattr(self, name), self.num_features, name)
 
-    def _per_channel_arrays(self):
+    def _per_channel_arrays(self) -> _NamedArrays:
         """(array, name) pairs of the per-channel attributes an `out` must not overlap
         (check_out skips those that are None or not arrays)."""
         return ((self.weight, "weight"), (self.bias, "bias"),
                 (self.running_mean, "running_mean"), (self.running_var, "running_var"),
                 (self.grad_weight, "grad_weight"), (self.grad_bias, "grad_bias"))
 
-    def backward(self, dy, out=None):
+    # The result is dx, or (dx, dresidual) after a forward with a residual: which one
+    # depends on the layer's state, not on the arguments.  Following typeshed's convention
+    # for such returns, it is typed `NDArray | Any` so that the common case needs no cast.
+    def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any] | Any:
         """Gradient of the last forward: returns dx, or ``(dx, dresidual)`` when that
         forward had a residual, and accumulates grad_weight/grad_bias.
 
@@ -207,14 +276,14 @@ class BatchNorm:
             self.grad_bias += grads[channels:]
         return dx if dresidual is None else (dx, dresidual)
 
-    def parameters(self):
+    def parameters(self) -> list[tuple[NDArray[Any], NDArray[Any]]]:
         """[(weight, grad_weight), (bias, grad_bias)] for an optimizer loop; empty when
         affine=False.  Update the parameters in place: ``p -= lr * g``."""
         if not self.affine:
             return []
         return [(self.weight, self.grad_weight), (self.bias, self.grad_bias)]
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Set grad_weight and grad_bias to zero."""
         if self.affine:
             self._check_writable("grad_weight", "grad_bias")
@@ -222,16 +291,16 @@ class BatchNorm:
             self.grad_bias[...] = 0
 
     # ------------------------------------------------------------------ modes and resets
-    def train(self, mode=True):
+    def train(self: _Layer, mode: bool = True) -> _Layer:
         """Training mode (batch statistics, running-stat updates); returns self."""
         self.training = check_bool(mode, "mode")
         return self
 
-    def eval(self):
+    def eval(self: _Layer) -> _Layer:
         """Eval mode (running statistics); returns self."""
         return self.train(False)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Running mean to 0, running variance to 1, num_batches_tracked to 0."""
         if self.track_running_stats:
             self._check_writable("running_mean", "running_var")
@@ -239,7 +308,7 @@ class BatchNorm:
             self.running_var[...] = 1
             self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Running statistics to 0 / 1, weight to 1, bias to 0 (as in PyTorch)."""
         if self.affine:
             self._check_writable("weight", "bias")
@@ -249,9 +318,9 @@ class BatchNorm:
             self.bias[...] = 0
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """Copies of the state under PyTorch's key names (absent keys: features off)."""
-        state = {}
+        state: dict[str, NDArray[Any]] = {}
         if self.affine:
             state["weight"] = self.weight.copy()
             state["bias"] = self.bias.copy()
@@ -261,7 +330,7 @@ class BatchNorm:
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Load a state dict (ours, or a torch BatchNorm's converted with .numpy()).
 
         Every key this layer has is required and no other key is accepted; values are
@@ -273,7 +342,7 @@ class BatchNorm:
         if missing or unexpected:
             raise ValueError(f"state dict mismatch: missing keys {sorted(missing)}, "
                              f"unexpected keys {sorted(unexpected)}")
-        arrays = {}
+        arrays: dict[str, NDArray[Any]] = {}
         for key in expected - {"num_batches_tracked"}:
             value = np.asarray(state_dict[key])
             if value.dtype.kind != "f":
@@ -301,15 +370,15 @@ class BatchNorm:
         if "num_batches_tracked" in expected:
             self.num_batches_tracked = int(count)
 
-    def _state_keys(self):
-        keys = []
+    def _state_keys(self) -> list[str]:
+        keys: list[str] = []
         if self.affine:
             keys += ["weight", "bias"]
         if self.track_running_stats:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
-    def _config(self):
+    def _config(self) -> dict[str, Any]:
         return {"num_features": self.num_features, "eps": self.eps,
                 "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "axis": self.axis,
@@ -317,18 +386,20 @@ class BatchNorm:
 
     # save() writes the class name; load() of a class accepts these (a LazyBatchNorm file
     # holds a materialized layer).  A subclass with its own hyperparameters loads its own.
-    _loadable_layers = ("BatchNorm", "LazyBatchNorm")
+    _loadable_layers: ClassVar[tuple[str, ...]] = ("BatchNorm", "LazyBatchNorm")
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write hyperparameters, mode and state to an .npz file (numpy adds the suffix
         if path lacks it).  ``BatchNorm.load(path)`` reads it back, with or without the
         suffix."""
         config = dict(self._config(), training=self.training, format=_FORMAT_VERSION,
                       layer=type(self).__name__)
-        np.savez(path, config=np.array(json.dumps(config)), **self.state_dict())
+        # (numpy's stub types **kwds as its allow_pickle flag: the arrays are by name)
+        np.savez(path, config=np.array(json.dumps(config)),
+                 **self.state_dict())  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path):
+    def load(cls: type[_Layer], path: str | os.PathLike[str]) -> _Layer:
         """A new layer from a file written by ``save`` (``path`` with or without the
         ``.npz`` suffix ``save`` added).
 
@@ -365,19 +436,21 @@ class BatchNorm:
         return layer.train(training)
 
     @classmethod
-    def from_torch(cls, module, axis=1, dtype=None, activation=None, **kwargs):
+    def from_torch(cls: type[_Layer], module: Any, axis: int = 1, dtype: DTypeLike | None = None,
+                   activation: str | None = None, **kwargs: Any) -> _Layer:
         """A layer equal to a torch BatchNorm module: see cpubn.porting.from_torch."""
         from .porting import from_torch
         return from_torch(cls, module, axis, dtype, activation, **kwargs)
 
     @classmethod
-    def from_onnx(cls, model, node_name=None, axis=1, dtype=None, values=None,
-                  activation=None, **kwargs):
+    def from_onnx(cls: type[_Layer], model: Any, node_name: str | None = None, axis: int = 1,
+                  dtype: DTypeLike | None = None, values: Mapping[str, ArrayLike] | None = None,
+                  activation: str | None = None, **kwargs: Any) -> _Layer:
         """A layer from an ONNX BatchNormalization node: see cpubn.porting.from_onnx."""
         from .porting import from_onnx
         return from_onnx(cls, model, node_name, axis, dtype, values, activation, **kwargs)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "

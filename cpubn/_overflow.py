@@ -10,31 +10,39 @@ rewritten.  Channels whose inputs hold NaN or Inf keep the kernel's result: NaN 
 propagate by design.
 """
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
+from ._layout import Layout
 
 
-def all_finite(values):
+def all_finite(values: NDArray[np.float64]) -> bool:
     """True when every value of a small float64 array is finite (a dot product is a
     third of the cost of np.isfinite(...).all() on per-channel arrays)."""
     return math.isfinite(values.dot(values))
 
 
-def _channel(dense, layout, c):
+def _channel(dense: NDArray[Any], layout: Layout, c: int | np.integer[Any]) -> NDArray[Any]:
     """Channel c of a dense array in the kernels' (N, C, S) view (a view, not a copy)."""
     n, channels, s = layout.kernel_dims
     return dense.reshape(n, channels, s)[:, c, :]
 
 
-def _finite_channels_with_bad_result(results, *arrays_and_layout):
+def _finite_channels_with_bad_result(results: NDArray[np.float64],
+                                      *arrays_and_layout: Any) -> Iterator[int]:
     *arrays, layout = arrays_and_layout
     for c in np.flatnonzero(~np.isfinite(results)):
         if all(np.isfinite(_channel(a, layout, c)).all() for a in arrays if a is not None):
             yield int(c)
 
 
-def redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
-                            residual_dense, relu):
+def redo_forward_statistics(x_dense: NDArray[Any], y_dense: NDArray[Any], layout: Layout,
+                            stats: NDArray[np.float64], weight: NDArray[Any] | None,
+                            bias: NDArray[Any] | None, eps: float,
+                            residual_dense: NDArray[Any] | None, relu: bool) -> None:
     """After a batch-statistics forward: for every channel with finite data whose
     variance is not finite, recompute mean, invstd and biased variance (stats, float64)
     and that channel of y.  weight and bias: kernel-ready arrays or None."""
@@ -66,8 +74,10 @@ def redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
             _channel(y_dense, layout, c)[...] = out
 
 
-def redo_backward_sums(dy_dense, x_dense, dx_dense, y_dense, layout, stats, weight,
-                       training, grads):
+def redo_backward_sums(dy_dense: NDArray[Any], x_dense: NDArray[Any], dx_dense: NDArray[Any],
+                       y_dense: NDArray[Any] | None, layout: Layout,
+                       stats: NDArray[np.float64], weight: NDArray[Any] | None,
+                       training: bool, grads: NDArray[np.float64]) -> None:
     """After a backward: for every channel with finite dy and x whose gradient sums
     (grads = [sum dy*xhat, sum dy], float64) are not finite, recompute them and that
     channel of dx.  y_dense: the forward's output with a fused ReLU (its sign is the

@@ -9,8 +9,11 @@ the batch's mean and biased variance over ``count`` values per channel; global o
 SyncBatchNorm) are merged exactly instead of being averaged in.
 """
 import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ._module import BatchNorm
 
@@ -21,14 +24,14 @@ class _PopulationStatistics:
     """(count, mean, M2) per channel in float64, merged batch by batch with Chan et al.'s
     pairwise update: exact for any sequence of batch sizes (no E[x^2] - E[x]^2)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer: BatchNorm) -> None:
         self.layer = layer
         self.count = 0
-        self.mean = None
-        self.m2 = None
+        self.mean: NDArray[np.float64] | None = None
+        self.m2: NDArray[np.float64] | None = None
         self.batches = 0
 
-    def add(self, saved, count):
+    def add(self, saved: Any, count: int) -> None:
         """The _track_batch hook: one training forward's statistics."""
         # A SyncBatchNorm's statistics are those of the global batch: its own _track_batch
         # replaces the local count that BatchNorm.forward passes by the global count of
@@ -47,12 +50,13 @@ class _PopulationStatistics:
         self.batches += 1
 
     @property
-    def unbiased_var(self):
-        return self.m2 / (self.count - 1)
+    def unbiased_var(self) -> NDArray[np.float64]:
+        # (read only after a batch: m2 is an array)
+        return self.m2 / (self.count - 1)  # type: ignore[operator, return-value]
 
 
 @contextlib.contextmanager
-def precise_statistics(layers):
+def precise_statistics(layers: Iterable[BatchNorm]) -> Iterator[None]:
     """``with cpubn.precise_statistics(layers): ...`` replaces the layers' running
     statistics by the exact statistics of the data they see inside the block.
 
@@ -74,9 +78,8 @@ def precise_statistics(layers):
     Run the forwards on training data with the final weights (no backward needed), e.g.
     100 batches: the statistics are then the model's, not a trailing average's.
     """
-    layers = list(layers)
-    unique = {}
-    for layer in layers:
+    unique: dict[int, BatchNorm] = {}
+    for layer in list(layers):
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"precise_statistics takes cpubn normalization layers, got "
                             f"{type(layer).__name__}")
@@ -86,22 +89,23 @@ def precise_statistics(layers):
         if "_track_batch" in vars(layer):
             raise ValueError(f"{layer!r} is already inside a precise_statistics block")
         unique[id(layer)] = layer
-    layers = list(unique.values())
-    modes = [layer.training for layer in layers]
-    accumulators = [_PopulationStatistics(layer) for layer in layers]
+    distinct = list(unique.values())
+    modes = [layer.training for layer in distinct]
+    accumulators = [_PopulationStatistics(layer) for layer in distinct]
     try:
-        for layer, accumulator in zip(layers, accumulators):
+        for layer, accumulator in zip(distinct, accumulators):
             # An instance attribute shadows the class's hook (BatchNorm's or a subclass's
             # override) for this object only; deleting it restores the class's.
-            layer._track_batch = accumulator.add
+            layer._track_batch = accumulator.add  # type: ignore[method-assign]
             layer.train()
         yield
     finally:
-        for layer, mode in zip(layers, modes):
+        for layer, mode in zip(distinct, modes):
             vars(layer).pop("_track_batch", None)
             layer.train(mode)
-    for layer, accumulator in zip(layers, accumulators):
+    for layer, accumulator in zip(distinct, accumulators):
         if accumulator.batches:
             layer.running_mean[...] = accumulator.mean
             layer.running_var[...] = accumulator.unbiased_var
-            layer.num_batches_tracked += accumulator.batches
+            # (an int: track_running_stats was checked)
+            layer.num_batches_tracked += accumulator.batches    # type: ignore[operator]

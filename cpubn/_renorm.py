@@ -15,8 +15,10 @@ backward with weight * r, grad_weight = sum(dy * (xhat * r + d)) = r * sum(dy * 
 + d * sum(dy), grad_bias = sum(dy).
 """
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dispatch
 from ._module import BatchNorm
@@ -25,14 +27,14 @@ from ._validation import check_batch_stats_possible
 _FLOAT64 = np.dtype(np.float64)
 
 
-def _check_limit(value, name, lowest):
+def _check_limit(value: object, name: str, lowest: float) -> float:
     """rmax (>= 1) or dmax (>= 0): a real number, NaN refused, +inf allowed (no clipping)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a float >= {lowest:g}, got {value!r}")
-    value = float(value)
-    if not value >= lowest:            # also refuses NaN
-        raise ValueError(f"{name} must be a float >= {lowest:g} (or inf), got {value!r}")
-    return value
+    limit = float(value)
+    if not limit >= lowest:            # also refuses NaN
+        raise ValueError(f"{name} must be a float >= {lowest:g} (or inf), got {limit!r}")
+    return limit
 
 
 class RenormSaved(_dispatch.Saved):
@@ -41,7 +43,8 @@ class RenormSaved(_dispatch.Saved):
 
     __slots__ = ("r", "d")
 
-    def __init__(self, batch, normalized, r, d):
+    def __init__(self, batch: _dispatch.Saved, normalized: _dispatch.Saved, r: NDArray[np.float64],
+                 d: NDArray[np.float64]) -> None:
         super().__init__(batch.x_dense, batch.layout, batch.stats, True, normalized.y_dense,
                          normalized.residual)
         self.r = r
@@ -74,8 +77,9 @@ class BatchRenorm(BatchNorm):
     (float64, None before one).
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, axis=1,
-                 dtype=np.float32, rmax=3.0, dmax=5.0, activation=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, axis: int = 1, dtype: DTypeLike = np.float32,
+                 rmax: float = 3.0, dmax: float = 5.0, activation: str | None = None) -> None:
         # Checked first: a bad limit must not leave a half-built layer behind.
         rmax = _check_limit(rmax, "rmax", 1.0)
         dmax = _check_limit(dmax, "dmax", 0.0)
@@ -84,39 +88,44 @@ class BatchRenorm(BatchNorm):
                          activation=activation)
         self._rmax = rmax
         self._dmax = dmax
-        self.last_r = self.last_d = None
+        # None before the first training forward (typed like BatchNorm's arrays)
+        self.last_r: NDArray[np.float64] | Any = None
+        self.last_d: NDArray[np.float64] | Any = None
 
     @property
-    def rmax(self):
+    def rmax(self) -> float:
         """Upper clip of r (and 1/rmax the lower one); >= 1, 1 means r = 1."""
         return self._rmax
 
     @rmax.setter
-    def rmax(self, value):
+    def rmax(self, value: float) -> None:
         self._rmax = _check_limit(value, "rmax", 1.0)
 
     @property
-    def dmax(self):
+    def dmax(self) -> float:
         """Clip of |d|; >= 0, 0 means d = 0."""
         return self._dmax
 
     @dmax.setter
-    def dmax(self, value):
+    def dmax(self, value: float) -> None:
         self._dmax = _check_limit(value, "dmax", 0.0)
 
-    def renorm_factors(self, mean, var):
+    def renorm_factors(self, mean: ArrayLike,
+                       var: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """(r, d) in float64 for batch statistics ``mean`` and biased ``var`` (per channel),
         against the current running statistics and limits."""
-        mean = np.asarray(mean, dtype=_FLOAT64)
-        var = np.asarray(var, dtype=_FLOAT64)
+        batch_mean = np.asarray(mean, dtype=_FLOAT64)
+        batch_var = np.asarray(var, dtype=_FLOAT64)
         sigma = np.sqrt(self.running_var.astype(_FLOAT64) + self.eps)
-        r = np.clip(np.sqrt(var + self.eps) / sigma, 1.0 / self._rmax, self._rmax)
-        d = np.clip((mean - self.running_mean.astype(_FLOAT64)) / sigma,
+        r = np.clip(np.sqrt(batch_var + self.eps) / sigma, 1.0 / self._rmax, self._rmax)
+        d = np.clip((batch_mean - self.running_mean.astype(_FLOAT64)) / sigma,
                     -self._dmax, self._dmax)
         return r, d
 
     # ------------------------------------------------------------------ kernels
-    def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
+    def _forward_batch_stats(self, x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+                             bias: NDArray[Any] | None, out: NDArray[Any] | None,
+                             residual: NDArray[Any] | None, relu: bool) -> tuple[NDArray[Any], Any]:
         # Two kernel calls: the batch statistics alone (x read, nothing written), then the
         # eval kernel with those statistics and the folded scale weight*r and shift
         # bias + weight*d, adding the residual and applying the ReLU in its single pass.
@@ -124,7 +133,8 @@ class BatchRenorm(BatchNorm):
         check_batch_stats_possible(x, axis)
         batch = _dispatch.batch_statistics(x, axis, self.eps)
         r, d = self.renorm_factors(batch.mean, batch.batch_var)
-        scale, shift = r, d
+        scale: NDArray[Any] = r
+        shift: NDArray[Any] = d
         if weight is not None:
             w64 = weight.astype(_FLOAT64)
             scale, shift = w64 * r, w64 * d
@@ -137,7 +147,8 @@ class BatchRenorm(BatchNorm):
         self.last_r, self.last_d = r, d
         return y, RenormSaved(batch, normalized, r, d)
 
-    def _backward_kernel(self, dy, saved, weight, out):
+    def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,
+                         out: NDArray[Any] | None) -> _dispatch.BackwardResult:
         if not isinstance(saved, RenormSaved):          # after an eval-mode forward
             return super()._backward_kernel(dy, saved, weight, out)
         scale = saved.r if weight is None else np.asarray(weight, _FLOAT64) * saved.r
@@ -148,21 +159,22 @@ class BatchRenorm(BatchNorm):
         return dx, grads, dresidual
 
     # ------------------------------------------------------------------ state
-    def _config(self):
+    def _config(self) -> dict[str, Any]:
         config = super()._config()
         del config["track_running_stats"]
         config.update(rmax=self._rmax, dmax=self._dmax)
         return config
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, axis={self.axis}, rmax={self._rmax}, "
                 f"dmax={self._dmax}{activation})")
 
 
-def renorm_schedule(step, *, rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000,
-                    dmax_steps=25000):
+def renorm_schedule(step: int, *, rmax: float = 3.0, dmax: float = 5.0,
+                    warmup_steps: int = 5000, rmax_steps: int = 40000,
+                    dmax_steps: int = 25000) -> tuple[float, float]:
     """(rmax, dmax) for training step ``step`` on the Batch Renormalization paper's
     schedule: 1 and 0 (plain BatchNorm) for the first ``warmup_steps``, then linear ramps
     reaching ``rmax`` at step ``rmax_steps`` and ``dmax`` at step ``dmax_steps``, constant
@@ -186,7 +198,7 @@ def renorm_schedule(step, *, rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=4
         raise ValueError(f"rmax_steps ({rmax_steps}) and dmax_steps ({dmax_steps}) must be "
                          f">= warmup_steps ({warmup_steps})")
 
-    def ramp(start, end, reached):
+    def ramp(start: float, end: float, reached: int) -> float:
         if step <= warmup_steps:
             return start
         if step >= reached:

@@ -15,11 +15,15 @@ axis, count) so that mismatched calls raise on every process instead of hanging 
 mixing garbage; the constructor runs one more exchange that compares the layers'
 configurations.  mpi4py is imported only when a SyncBatchNorm is built.
 """
+import os
 import threading
+from typing import Any, ClassVar, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dispatch
+from ._layout import Layout
 from ._module import BatchNorm
 from ._validation import (as_float_array, check_activation, check_like, check_out,
                           check_residual, is_half, normalize_axis)
@@ -36,10 +40,10 @@ _CONSTRUCT, _FORWARD, _BACKWARD = 1.0, 2.0, 3.0
 _PHASE_NAMES = {_CONSTRUCT: "construction", _FORWARD: "forward", _BACKWARD: "backward"}
 _DTYPE_CODES = {"float32": 1.0, "float64": 2.0, "float16": 3.0, "bfloat16": 4.0}
 _DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
-_dtype_codes = {}                   # dtype -> code: dtype.name costs microseconds per call
+_dtype_codes: dict[Any, float] = {}  # dtype -> code: dtype.name costs microseconds per call
 
 
-def _dtype_code(dtype):
+def _dtype_code(dtype: DTypeLike) -> float:
     code = _dtype_codes.get(dtype)
     if code is None:
         code = _dtype_codes[dtype] = _DTYPE_CODES[np.dtype(dtype).name]
@@ -50,7 +54,9 @@ _CONFIG_FIELDS = ("num_features", "dtype", "axis", "eps", "momentum", "affine",
                   "track_running_stats", "activation")
 
 
-def _mpi():
+# mpi4py is optional: its module and communicators are typed Any (pyproject's mypy
+# configuration does not follow the import, whether or not it is installed).
+def _mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -58,10 +64,10 @@ def _mpi():
     return MPI
 
 
-_layer_keyval = None
+_layer_keyval: Any = None
 
 
-def _next_layer_id(comm):
+def _next_layer_id(comm: Any) -> int:
     """A per-communicator sequence number for each SyncBatchNorm built on it (an MPI
     attribute of the communicator, so duplicates and splits count on their own).  Every
     process builds the same layers in the same order, so a layer has the same id
@@ -69,12 +75,12 @@ def _next_layer_id(comm):
     global _layer_keyval
     if _layer_keyval is None:
         _layer_keyval = type(comm).Create_keyval()
-    count = comm.Get_attr(_layer_keyval) or 0
+    count: int = comm.Get_attr(_layer_keyval) or 0
     comm.Set_attr(_layer_keyval, count + 1)
     return count + 1
 
 
-def allgather_rows(comm, row):
+def allgather_rows(comm: Any, row: NDArray[np.float64]) -> NDArray[np.float64]:
     """Every process's row (float64, same length everywhere) as a (size, len) table."""
     table = np.empty((comm.Get_size(), row.size))
     comm.Allgather(row, table)
@@ -87,10 +93,11 @@ _workspace = threading.local()
 _load_comm = threading.local()
 
 
-def _backward_workspace(layout, dtype):
+def _backward_workspace(layout: Layout, dtype: np.dtype[Any]) -> NDArray[Any]:
     """A reusable dense array for the backward's partial dx: one per input shape and dtype
     and thread, kept between calls (a fresh large array costs page faults on every step)."""
-    arrays = getattr(_workspace, "arrays", None)
+    arrays: dict[tuple[tuple[int, ...], str], NDArray[Any]] | None = getattr(
+        _workspace, "arrays", None)
     if arrays is None:
         arrays = _workspace.arrays = {}
     key = (layout.dense_shape, np.dtype(dtype).str)
@@ -108,10 +115,12 @@ class _EmptySlice:
 
     __slots__ = ("shape", "dtype", "residual", "mean", "batch_var", "x_dense")
 
-    def __init__(self, shape, dtype, residual, mean=None, batch_var=None):
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any], residual: bool,
+                 mean: NDArray[np.float64] | None = None,
+                 batch_var: NDArray[np.float64] | None = None) -> None:
         self.shape, self.dtype, self.residual = shape, dtype, residual
         self.mean, self.batch_var = mean, batch_var
-        self.x_dense = ()                   # not None: backward is possible
+        self.x_dense: tuple[()] = ()        # not None: backward is possible
 
 
 class SyncBatchNorm(BatchNorm):
@@ -142,9 +151,16 @@ class SyncBatchNorm(BatchNorm):
     Half-precision data is differentiated in float32 and rounded once.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, activation=None,
-                 comm=None):
+    comm: Any
+    _sync_saved: Any
+    _sync_count: int
+    _sync_axis: int | None
+    _exchanged: bool
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, axis: int = 1,
+                 dtype: DTypeLike = np.float32, activation: str | None = None,
+                 comm: Any = None) -> None:
         MPI = _mpi()
         if comm is None:
             comm = getattr(_load_comm, "comm", None) or MPI.COMM_WORLD
@@ -165,21 +181,23 @@ class SyncBatchNorm(BatchNorm):
         self._sync_axis = None
 
     # ------------------------------------------------------------------ exchanges
-    def _header_row(self, phase, status, payload, dtype=None, ndim=0, axis=0, count=0):
+    def _header_row(self, phase: float, status: float, payload: int,
+                    dtype: DTypeLike | None = None, ndim: int = 0, axis: int = 0,
+                    count: int = 0) -> NDArray[np.float64]:
         row = np.zeros(_HEADER + payload)
         row[:_HEADER] = (status, phase, self._layer_id,
                          0.0 if dtype is None else _dtype_code(dtype),
                          ndim, axis, count)
         return row
 
-    def _config_row(self):
+    def _config_row(self) -> NDArray[np.float64]:
         row = self._header_row(_CONSTRUCT, _OK, len(_CONFIG_FIELDS))
         row[_HEADER:] = (self.num_features, self.dtype.itemsize, self.axis, self.eps,
                          -1.0 if self.momentum is None else self.momentum, self.affine,
                          self.track_running_stats, self.activation is not None)
         return row
 
-    def _gather(self, row):
+    def _gather(self, row: NDArray[np.float64]) -> NDArray[np.float64]:
         """One Allgather of `row`; a process whose own call failed gets its table back and
         re-raises its own error, every other process raises here."""
         table = allgather_rows(self.comm, row)
@@ -187,7 +205,7 @@ class SyncBatchNorm(BatchNorm):
             self._check_headers(table)
         return table
 
-    def _check_headers(self, table):
+    def _check_headers(self, table: NDArray[np.float64]) -> None:
         headers = table[:, :_HEADER]
         if not (headers[:, _STATUS:_COUNT] != headers[0, _STATUS:_COUNT]).any() and \
                 headers[0, _STATUS] == _OK:
@@ -213,11 +231,12 @@ class SyncBatchNorm(BatchNorm):
                                  f"processes: {values} (by rank); the global batch must have "
                                  f"one dtype and layout")
 
-    def _check_config(self, table):
+    def _check_config(self, table: NDArray[np.float64]) -> None:
         values = table[:, _HEADER:]
         for j, name in enumerate(_CONFIG_FIELDS):
             column = values[:, j]
             if not np.array_equal(column, np.full_like(column, column[0]), equal_nan=True):
+                shown: list[object]
                 if name == "dtype":
                     shown = [np.dtype(f"f{int(v)}").name for v in column]
                 elif name == "activation":
@@ -232,32 +251,35 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError(f"SyncBatchNorm: {name} differs across the processes of the "
                                  f"communicator: {shown} (by rank)")
 
-    def _abandon(self, phase):
+    def _abandon(self, phase: float) -> None:
         """This process's call failed before its exchange: take part in it anyway, marked
         failed, so the others raise instead of waiting forever."""
         self._gather(self._header_row(phase, _FAILED, 2 * self.num_features))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, out=None, *, residual=None):
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                residual: ArrayLike | None = None) -> NDArray[Any]:
         """BatchNorm.forward, with the global batch's statistics in training mode (one
         exchange over comm; every process must call it).  x may have zero samples."""
         if not self.training:                       # eval: no communication
-            x = as_float_array(x)
-            if x.size == 0:
-                return self._forward_empty(x, out, residual, synchronize=False)
-            return super().forward(x, out, residual=residual)
+            data = as_float_array(x)
+            if data.size == 0:
+                return self._forward_empty(data, out, residual, synchronize=False)
+            return super().forward(data, out, residual=residual)
         self._exchanged = False
         try:
-            x = as_float_array(x)
-            if x.size == 0:
-                return self._forward_empty(x, out, residual, synchronize=True)
-            return super().forward(x, out, residual=residual)
+            data = as_float_array(x)
+            if data.size == 0:
+                return self._forward_empty(data, out, residual, synchronize=True)
+            return super().forward(data, out, residual=residual)
         except Exception:
             if not self._exchanged:
                 self._abandon(_FORWARD)
             raise
 
-    def _exchange_statistics(self, x, axis, count, mean, var):
+    def _exchange_statistics(self, x: NDArray[Any], axis: int, count: int,
+                             mean: NDArray[np.float64] | None, var: NDArray[np.float64] | None
+                             ) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
         """Global (count, mean, biased variance) from every process's, merged in rank
         order with Chan's formula: the same bits on every process."""
         channels = self.num_features
@@ -267,7 +289,10 @@ class SyncBatchNorm(BatchNorm):
             row[_HEADER + channels:] = var
         self._exchanged = True
         table = self._gather(row)
-        total, mean, m2, single_var, contributors = 0.0, None, None, None, 0
+        total, contributors = 0.0, 0
+        merged_mean: NDArray[np.float64] | None = None
+        m2: NDArray[np.float64] | None = None
+        single_var: NDArray[np.float64] | None = None
         for rank_row in table:
             n = rank_row[_COUNT]
             if n == 0:
@@ -275,12 +300,12 @@ class SyncBatchNorm(BatchNorm):
             rank_mean = rank_row[_HEADER:_HEADER + channels]
             rank_var = rank_row[_HEADER + channels:]
             contributors += 1
-            if mean is None:
-                total, mean, m2, single_var = n, rank_mean.copy(), rank_var * n, rank_var
+            if merged_mean is None or m2 is None:
+                total, merged_mean, m2, single_var = n, rank_mean.copy(), rank_var * n, rank_var
                 continue
-            delta = rank_mean - mean
+            delta = rank_mean - merged_mean
             merged = total + n
-            mean += delta * (n / merged)
+            merged_mean += delta * (n / merged)
             m2 += rank_var * n + delta * delta * (total * n / merged)
             total = merged
         if total <= 1:
@@ -288,10 +313,13 @@ class SyncBatchNorm(BatchNorm):
                              f"statistics, got {int(total)} in the global batch (local input "
                              f"of shape {x.shape}, axis={axis})")
         # One contributing process: its own variance, so a single process gives BatchNorm's bits.
-        var = single_var.copy() if contributors == 1 else m2 / total
-        return int(total), mean, var
+        assert merged_mean is not None and m2 is not None and single_var is not None  # total > 1
+        global_var = single_var.copy() if contributors == 1 else m2 / total
+        return int(total), merged_mean, global_var
 
-    def _forward_batch_stats(self, x, axis, weight, bias, out, residual, relu):
+    def _forward_batch_stats(self, x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+                             bias: NDArray[Any] | None, out: NDArray[Any] | None,
+                             residual: NDArray[Any] | None, relu: bool) -> tuple[NDArray[Any], Any]:
         if not self.training:                   # track_running_stats=False in eval: local
             return super()._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
         # The local statistics (the training kernel's, bit for bit, without normalizing:
@@ -306,10 +334,11 @@ class SyncBatchNorm(BatchNorm):
         self._sync_saved, self._sync_count, self._sync_axis = saved, total, axis
         return y, saved
 
-    def _track_batch(self, saved, count):
+    def _track_batch(self, saved: Any, count: int) -> None:
         super()._track_batch(saved, self._sync_count)
 
-    def _forward_empty(self, x, out, residual, synchronize):
+    def _forward_empty(self, x: NDArray[Any], out: NDArray[Any] | None, residual: ArrayLike | None,
+                       synchronize: bool) -> NDArray[Any]:
         """A process's empty slice: checked like any input; in training it takes part in
         the exchange (count 0) and in the running-statistics update."""
         axis = normalize_axis(self.axis, x.ndim)
@@ -319,8 +348,8 @@ class SyncBatchNorm(BatchNorm):
         check_activation(self.activation)
         if residual is not None:
             residual = check_residual(residual, x)
-        out = check_out(out, x)
-        y = np.empty_like(x) if out is None else out
+        checked_out = check_out(out, x)
+        y = np.empty_like(x) if checked_out is None else checked_out
         slice_ = _EmptySlice(x.shape, x.dtype, residual is not None)
         if synchronize and (self.training or not self.track_running_stats):
             total, slice_.mean, slice_.batch_var = self._exchange_statistics(
@@ -332,7 +361,7 @@ class SyncBatchNorm(BatchNorm):
         return y
 
     # ------------------------------------------------------------------ backward
-    def backward(self, dy, out=None):
+    def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any] | Any:
         """BatchNorm.backward through the global batch's statistics after a training
         forward (one exchange over comm; every process must call it); grad_weight and
         grad_bias receive this process's contribution."""
@@ -351,7 +380,8 @@ class SyncBatchNorm(BatchNorm):
                 self._abandon(_BACKWARD)
             raise
 
-    def _exchange_sums(self, dtype, ndim, count, sums):
+    def _exchange_sums(self, dtype: np.dtype[Any], ndim: int, count: int,
+                       sums: NDArray[np.float64] | None) -> NDArray[np.float64]:
         """Global [Σ g·x̂, Σ g] per channel: every process's, added in rank order."""
         row = self._header_row(_BACKWARD, _OK, 2 * self.num_features, dtype, ndim,
                                self._sync_axis if self._sync_axis is not None else 0, count)
@@ -359,12 +389,13 @@ class SyncBatchNorm(BatchNorm):
             row[_HEADER:] = sums
         self._exchanged = True
         table = self._gather(row)
-        total = table[0, _HEADER:].copy()
+        total: NDArray[np.float64] = table[0, _HEADER:].copy()
         for rank_row in table[1:]:
             total += rank_row[_HEADER:]
         return total
 
-    def _backward_kernel(self, dy, saved, weight, out):
+    def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,
+                         out: NDArray[Any] | None) -> _dispatch.BackwardResult:
         if saved is not self._sync_saved:
             return super()._backward_kernel(dy, saved, weight, out)
         channels, layout = self.num_features, saved.layout
@@ -387,6 +418,7 @@ class SyncBatchNorm(BatchNorm):
         gain = saved.invstd / self._sync_count
         if weight is not None:
             gain = gain * weight
+        assert self._sync_axis is not None          # set by the synchronized forward
         dx, _ = _dispatch.forward(layout.to_user(x_dense), self._sync_axis,
                                   -gain * sums[:channels], -gain * sums[channels:], self.eps,
                                   out if dy_user is dy else None, saved.mean, saved.batch_var,
@@ -402,18 +434,27 @@ class SyncBatchNorm(BatchNorm):
                 dresidual = dresidual.astype(dy.dtype)     # g: exact in the data dtype
         return dx, local_sums, dresidual
 
-    def _backward_empty(self, dy, out, synchronize):
+    def _backward_empty(self, dy: ArrayLike, out: NDArray[Any] | None,
+                        synchronize: bool) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
         saved = self._saved
-        dy = check_like(dy, saved.shape, saved.dtype, "dy", "the last input")
-        out = check_out(out, dy, may_alias=((dy, "dy"),))
+        grad_y = check_like(dy, saved.shape, saved.dtype, "dy", "the last input")
+        checked_out = check_out(out, grad_y, may_alias=((grad_y, "dy"),))
         if synchronize:
-            self._exchange_sums(dy.dtype, dy.ndim, 0, None)
-        dx = np.empty_like(dy) if out is None else out
-        return (dx, np.empty_like(dy)) if saved.residual else dx
+            self._exchange_sums(grad_y.dtype, grad_y.ndim, 0, None)
+        dx = np.empty_like(grad_y) if checked_out is None else checked_out
+        return (dx, np.empty_like(grad_y)) if saved.residual else dx
 
     # ------------------------------------------------------------------ construction helpers
+    @overload
     @classmethod
-    def convert_sync_batchnorm(cls, bn, comm=None):
+    def convert_sync_batchnorm(cls, bn: BatchNorm, comm: Any = None) -> "SyncBatchNorm": ...
+    @overload
+    @classmethod
+    def convert_sync_batchnorm(cls, bn: list[Any] | tuple[Any, ...],
+                               comm: Any = None) -> list[Any]: ...
+    @classmethod
+    def convert_sync_batchnorm(cls, bn: BatchNorm | list[Any] | tuple[Any, ...],
+                               comm: Any = None) -> "SyncBatchNorm | list[Any]":
         """A SyncBatchNorm with ``bn``'s hyperparameters, parameters, gradients, running
         statistics and mode (a copy: bn is unchanged).  A list or tuple of layers gives a
         list with every BatchNorm converted and the other layers as they are.  Collective
@@ -431,10 +472,10 @@ class SyncBatchNorm(BatchNorm):
             layer.grad_bias[...] = bn.grad_bias
         return layer.train(bn.training)
 
-    _loadable_layers = ("SyncBatchNorm", "BatchNorm", "LazyBatchNorm")
+    _loadable_layers: ClassVar[tuple[str, ...]] = ("SyncBatchNorm", "BatchNorm", "LazyBatchNorm")
 
     @classmethod
-    def load(cls, path, comm=None):
+    def load(cls, path: str | os.PathLike[str], comm: Any = None) -> "SyncBatchNorm":
         """A new SyncBatchNorm on comm (default COMM_WORLD) from a file written by
         ``save``: a SyncBatchNorm's, or a BatchNorm's (then converted).  Collective over
         comm, like the constructor."""
@@ -444,12 +485,12 @@ class SyncBatchNorm(BatchNorm):
         finally:
             _load_comm.comm = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         text = super().__repr__()
         name = self.comm.Get_name() or "comm"
         return (f"Sync{text[:-1]}, comm={name}(size={self.comm.Get_size()}))")
 
 
-def _is_materialized_lazy(bn):
+def _is_materialized_lazy(bn: object) -> bool:
     from ._lazy import LazyBatchNorm
     return isinstance(bn, LazyBatchNorm) and not bn.has_uninitialized_params()

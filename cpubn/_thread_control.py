@@ -17,9 +17,12 @@ import math
 import operator
 import os
 import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import SupportsIndex
 
 
-def _load_openmp_runtime():
+def _load_openmp_runtime() -> ModuleType:
     """Import the compiled thread module, and with it the OpenMP runtime, with threads
     that sleep instead of spinning when they wait (OMP_WAIT_POLICY=passive).
 
@@ -56,16 +59,16 @@ PARALLEL_MIN_ELEMENTS = 3 << 19
 # and exits), which no Python code can catch; far fewer than this are ever useful.
 MAX_THREADS = 256
 
-_requested = None              # what set_num_threads asked for; None = automatic
+_requested: int | None = None  # what set_num_threads asked for; None = automatic
 _local = threading.local()     # per-Python-thread override set by threads()
-_usable = None                 # cached usable_cpus()
+_usable: int | None = None     # cached usable_cpus()
 # An explicit OMP_NUM_THREADS is the user's choice (oversubscription included) and is
 # honoured up to MAX_THREADS; otherwise the runtime's default is capped at usable_cpus().
 _OMP_NUM_THREADS_SET = bool(os.environ.get("OMP_NUM_THREADS", "").strip())
 _AUTOMATIC = object()          # a threads(None) block: automatic, not the global setting
 
 
-def _cgroup_cpu_quota():
+def _cgroup_cpu_quota() -> float | None:
     """The cgroup CPU limit in CPUs (a float), or None when there is none."""
     try:                                               # cgroup v2
         with open("/sys/fs/cgroup/cpu.max") as f:
@@ -77,15 +80,15 @@ def _cgroup_cpu_quota():
         pass
     try:                                               # cgroup v1
         with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
-            quota = int(f.read())
+            quota_us = int(f.read())
         with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-            period = int(f.read())
-        return quota / period if quota > 0 and period > 0 else None
+            period_us = int(f.read())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
     except (OSError, ValueError):
         return None
 
 
-def usable_cpus():
+def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
     (rounded up).  Read once, at the first call."""
     global _usable
@@ -101,28 +104,28 @@ def usable_cpus():
     return _usable
 
 
-def _resolve(n_threads):
+def _resolve(n_threads: SupportsIndex | None) -> int | None:
     if n_threads is None:
         return None
     if isinstance(n_threads, bool):
         raise TypeError(f"the number of threads must be an int or None, got {n_threads!r}")
     try:
-        n_threads = operator.index(n_threads)
+        count = operator.index(n_threads)
     except TypeError:
         raise TypeError(f"the number of threads must be an int or None, "
                         f"got {n_threads!r}") from None
-    if n_threads == 0:
+    if count == 0:
         raise ValueError("the number of threads must be non-zero, got 0 (None = automatic, "
                          "negative = count back from the number of CPUs)")
-    if n_threads > MAX_THREADS:
+    if count > MAX_THREADS:
         raise ValueError(f"the number of threads must be at most {MAX_THREADS}, got "
-                         f"{n_threads} (this process may use {usable_cpus()} CPUs)")
-    if n_threads < 0:
-        return max(1, usable_cpus() + 1 + n_threads)
-    return n_threads
+                         f"{count} (this process may use {usable_cpus()} CPUs)")
+    if count < 0:
+        return max(1, usable_cpus() + 1 + count)
+    return count
 
 
-def set_num_threads(n_threads):
+def set_num_threads(n_threads: SupportsIndex | None) -> None:
     """Set the threads cpubn's kernels use, process-wide: an int from 1 to MAX_THREADS
     (256), a negative int counting back from the usable CPUs (-1 = all of them), or None
     for automatic (OMP_NUM_THREADS / threadpoolctl, capped at the usable CPUs).
@@ -131,12 +134,12 @@ def set_num_threads(n_threads):
     _requested = _resolve(n_threads)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a large kernel call from this Python thread will use now."""
     override = getattr(_local, "n_threads", None)
     requested = _requested if override is None else override
     if requested is None or requested is _AUTOMATIC:
-        default = _threads.omp_max_threads()
+        default: int = _threads.omp_max_threads()
         if not _OMP_NUM_THREADS_SET:      # the runtime's own guess: cap at usable CPUs
             default = min(default, usable_cpus())
         return max(1, min(default, MAX_THREADS))
@@ -144,7 +147,7 @@ def get_num_threads():
 
 
 @contextlib.contextmanager
-def threads(n_threads):
+def threads(n_threads: SupportsIndex | None) -> Iterator[None]:
     """Context manager: `with cpubn.threads(4): ...` runs the calls that this Python thread
     makes in the block on 4 threads (None: automatic), then restores this thread's
     previous setting.  Other Python threads are not affected."""
@@ -158,16 +161,16 @@ def threads(n_threads):
         _local.n_threads = previous
 
 
-def _is_automatic():
+def _is_automatic() -> bool:
     override = getattr(_local, "n_threads", None)
     requested = _requested if override is None else override
     return requested is None or requested is _AUTOMATIC
 
 
-_loadavg_fd = None
+_loadavg_fd: int | None = None
 
 
-def _idle_cpus():
+def _idle_cpus() -> int | None:
     """CPUs of the machine not running a task right now, plus the caller's own: from the
     instantaneous count of runnable tasks in Linux's /proc/loadavg (1.5 us with the file
     kept open), or None where that is not available."""
@@ -181,7 +184,7 @@ def _idle_cpus():
     return (os.cpu_count() or 1) - running + 1
 
 
-def threads_for(n_elements):
+def threads_for(n_elements: int) -> int:
     """Threads for one kernel call over n_elements: 1 below the parallel threshold.
 
     In automatic mode a call also uses no more threads than there are idle CPUs at that
@@ -199,6 +202,7 @@ def threads_for(n_elements):
     return n_threads
 
 
-def openmp_enabled():
+def openmp_enabled() -> bool:
     """True if this build has OpenMP (multi-threaded kernels); False for a serial build."""
-    return _threads.openmp_enabled()
+    enabled: bool = _threads.openmp_enabled()
+    return enabled

@@ -5,8 +5,10 @@ these functions are what makes that trust safe.  Each raises TypeError for a wro
 of value and ValueError for a wrong value, with the offending value in the message.
 """
 import operator
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from ._arrays import first_bounds_overlap
 
@@ -19,7 +21,7 @@ _FLOAT16 = np.dtype(np.float16)
 _DATA_DTYPES_TEXT = "float32, float64, float16 or bfloat16 (ml_dtypes)"
 
 
-def _is_bfloat16(dtype):
+def _is_bfloat16(dtype: np.dtype[Any]) -> bool:
     """ml_dtypes.bfloat16 (optional package: only imported once such an array shows up)."""
     if dtype.name != "bfloat16":
         return False
@@ -27,16 +29,16 @@ def _is_bfloat16(dtype):
         import ml_dtypes
     except ImportError:
         return False
-    return dtype == np.dtype(ml_dtypes.bfloat16)
+    return bool(dtype == np.dtype(ml_dtypes.bfloat16))
 
 
-def is_half(dtype):
+def is_half(dtype: np.dtype[Any]) -> bool:
     """A half-precision data dtype (float16 or bfloat16) of an array that passed
     as_float_array: computed in float32, with float32 parameters."""
     return dtype.itemsize == 2
 
 
-def as_float_array(x, name="input"):
+def as_float_array(x: object, name: str = "input") -> NDArray[Any]:
     """x as an ndarray of a data dtype cpubn computes in (float32, float64, float16, or
     bfloat16 from ml_dtypes) in native byte order (no copy when it already is)."""
     if type(x) is np.ndarray and (x.dtype is _FLOAT32 or x.dtype is _FLOAT64):
@@ -44,65 +46,69 @@ def as_float_array(x, name="input"):
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array: cpubn would ignore its mask; pass "
                         f"x.filled(value) or x.compressed() data as a plain ndarray")
-    if not isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray):
+        array: NDArray[Any] = x
+    else:
         try:
-            x = np.asarray(x)
+            array = np.asarray(x)
         except Exception as exc:  # ragged lists and other non-array objects
             raise TypeError(f"{name} must be an array of {_DATA_DTYPES_TEXT}, "
                             f"got {type(x).__name__}") from exc
-    dtype = x.dtype
+    dtype = array.dtype
     if dtype in SUPPORTED_DTYPES or dtype == _FLOAT16 or _is_bfloat16(dtype):
-        return x
+        return array
     if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):    # non-native byte order
-        return x.astype(dtype.newbyteorder("="))
+        return array.astype(dtype.newbyteorder("="))
     raise TypeError(f"{name} must have dtype {_DATA_DTYPES_TEXT}, got {dtype}")
 
 
-def normalize_axis(axis, ndim, name="input"):
+def normalize_axis(axis: object, ndim: int, name: str = "input") -> int:
     """The feature axis as a non-negative int; the data must have at least 2 dims."""
     if ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (batch and features), "
                          f"got ndim={ndim}")
-    axis = check_axis(axis)
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for {name} with ndim={ndim}")
-    return axis % ndim
+    index = check_axis(axis)
+    if not -ndim <= index < ndim:
+        raise ValueError(f"axis {index} is out of range for {name} with ndim={ndim}")
+    return index % ndim
 
 
-def check_axis(axis):
+def check_axis(axis: object) -> int:
     """The feature axis as an int (bools are refused: True is not an axis)."""
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"axis must be an int, got {axis!r}")
     try:
-        return operator.index(axis)
+        return operator.index(axis)  # type: ignore[arg-type]  # TypeError is the check
     except TypeError:
         raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
 
 
-def check_bool(value, name):
+def check_bool(value: object, name: str) -> bool:
     """A flag that must be a real bool (training="no" must not mean True)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
-def check_data(x, axis, num_features=None, name="input"):
+def check_data(x: object, axis: object, num_features: int | None = None,
+               name: str = "input") -> tuple[NDArray[Any], int]:
     """Validate a data array; return (x as ndarray, non-negative axis)."""
-    x = as_float_array(x, name)
-    if x.ndim == 1:
+    array = as_float_array(x, name)
+    if array.ndim == 1:
         raise ValueError(f"{name} must have at least 2 dimensions (batch and features), got "
-                         f"ndim=1 (shape {x.shape}); {_reshape_hint(x.shape[0], num_features)}")
-    axis = normalize_axis(axis, x.ndim, name)
-    if num_features is not None and x.shape[axis] != num_features:
-        raise ValueError(f"{name} has {x.shape[axis]} features on axis {axis} "
-                         f"(shape {x.shape}), expected num_features={num_features}"
-                         f"{_axis_hint(x.shape, axis, num_features)}")
-    if x.size == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape})")
-    return x, axis
+                         f"ndim=1 (shape {array.shape}); "
+                         f"{_reshape_hint(array.shape[0], num_features)}")
+    index = normalize_axis(axis, array.ndim, name)
+    if num_features is not None and array.shape[index] != num_features:
+        raise ValueError(f"{name} has {array.shape[index]} features on axis {index} "
+                         f"(shape {array.shape}), expected num_features={num_features}"
+                         f"{_axis_hint(array.shape, index, num_features)}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    return array, index
 
 
-def _reshape_hint(length, num_features):
+def _reshape_hint(length: int, num_features: int | None) -> str:
     """How to make a 1-D array of `length` values into (batch, features) rows."""
     one_sample = f"one sample of {length} features is x.reshape(1, -1)"
     batch = f"a batch of {length} single values is x.reshape(-1, 1)"
@@ -113,7 +119,7 @@ def _reshape_hint(length, num_features):
     return f"{one_sample}, {batch}"
 
 
-def _axis_hint(shape, axis, num_features):
+def _axis_hint(shape: tuple[int, ...], axis: int, num_features: int) -> str:
     """The likely fix when another axis has num_features entries: the layer was built for
     the other memory layout (channels-first vs channels-last)."""
     last = len(shape) - 1
@@ -126,24 +132,31 @@ def _axis_hint(shape, axis, num_features):
     return ""
 
 
-def check_batch_stats_possible(x, axis):
+def check_batch_stats_possible(x: NDArray[Any], axis: int) -> None:
     """Batch statistics need more than one value per channel, as in PyTorch."""
     if x.size // x.shape[axis] == 1:
         raise ValueError(f"expected more than 1 value per channel when using batch "
                          f"statistics, got input of shape {x.shape} (axis={axis})")
 
 
-def check_like(y, shape, dtype, y_name, x_name):
+def check_like(y: object, shape: tuple[int, ...], dtype: np.dtype[Any], y_name: str,
+               x_name: str) -> NDArray[Any]:
     """y must be an array of the given shape and dtype (dy against x)."""
-    y = as_float_array(y, y_name)
-    if y.shape != shape:
-        raise ValueError(f"{y_name} has shape {y.shape}, expected {x_name}'s shape {shape}")
-    if y.dtype != dtype:
-        raise TypeError(f"{y_name} has dtype {y.dtype}, expected {x_name}'s dtype {dtype}")
-    return y
+    array = as_float_array(y, y_name)
+    if array.shape != shape:
+        raise ValueError(f"{y_name} has shape {array.shape}, expected {x_name}'s shape {shape}")
+    if array.dtype != dtype:
+        raise TypeError(f"{y_name} has dtype {array.dtype}, expected {x_name}'s dtype {dtype}")
+    return array
 
 
-def check_out(out, x, name="out", may_alias=(), must_not_overlap=()):
+# (array or None, its name in messages) pairs, as check_out and first_bounds_overlap take.
+# Objects other than arrays (None) are skipped.
+NamedArrays = tuple[tuple[object, str], ...]
+
+
+def check_out(out: object, x: NDArray[Any], name: str = "out", may_alias: NamedArrays = (),
+              must_not_overlap: NamedArrays = ()) -> NDArray[Any] | None:
     """out must be a writeable ndarray with x's shape and dtype.  It may be exactly one of
     `may_alias` (same memory, same strides: an in-place call) but must not otherwise share
     memory with those arrays or with any of `must_not_overlap`."""
@@ -172,20 +185,21 @@ def check_out(out, x, name="out", may_alias=(), must_not_overlap=()):
     hit = first_bounds_overlap(out, may_alias)
     while hit >= 0:
         other, other_name = may_alias[hit]
-        if np.shares_memory(out, other) and not _same_memory(out, other):
+        # first_bounds_overlap only reports ndarrays
+        if np.shares_memory(out, other) and not _same_memory(out, cast("NDArray[Any]", other)):
             raise ValueError(f"{name} partially overlaps {other_name}; it may only be "
                              f"{other_name} itself or a separate array")
         hit = first_bounds_overlap(out, may_alias, hit + 1)
     return out
 
 
-def overlaps_input(out, x):
+def overlaps_input(out: NDArray[Any], x: NDArray[Any]) -> bool:
     """For an `out` that passed check_out with x in may_alias: True when it is x's memory
     (an in-place call).  A bounds test suffices there, and costs 50 ns."""
     return out is x or first_bounds_overlap(out, ((x, "x"),)) >= 0
 
 
-def _self_overlapping(a):
+def _self_overlapping(a: NDArray[Any]) -> bool:
     """True unless a's elements provably occupy distinct memory: sorted by stride, each
     axis must step over everything the faster axes span (dense, sliced and transposed
     arrays pass; broadcast stride-0 views and as_strided tricks do not)."""
@@ -199,12 +213,13 @@ def _self_overlapping(a):
     return False
 
 
-def _same_memory(a, b):
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+def _same_memory(a: NDArray[Any], b: NDArray[Any]) -> bool:
+    return bool(a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.strides == b.strides)
 
 
-def check_channel_array(values, num_features, name):
+def check_channel_array(values: object, num_features: int,
+                        name: str) -> NDArray[Any] | None:
     """A per-channel array (weight, bias, running statistics): 1-D, length C, float."""
     if values is None:
         return None
@@ -223,7 +238,7 @@ def check_channel_array(values, num_features, name):
 EPS_MIN = 1e-70
 
 
-def check_state_array(array, num_features, name):
+def check_state_array(array: object, num_features: int, name: str) -> NDArray[Any]:
     """A layer attribute that is written in place (running statistics, gradients): a
     writeable float ndarray of shape (num_features,)."""
     if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
@@ -238,17 +253,17 @@ def check_state_array(array, num_features, name):
     return array
 
 
-def check_eps(eps):
+def check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps must be a positive float, got {eps!r}")
-    eps = float(eps)
-    if not EPS_MIN <= eps < float("inf"):
+    value = float(eps)
+    if not EPS_MIN <= value < float("inf"):
         raise ValueError(f"eps must be a finite float >= {EPS_MIN} (smaller values overflow "
-                         f"1 / sqrt(eps) in float32), got {eps!r}")
-    return eps
+                         f"1 / sqrt(eps) in float32), got {value!r}")
+    return value
 
 
-def check_momentum(momentum, allow_none=True):
+def check_momentum(momentum: object, allow_none: bool = True) -> float | None:
     if momentum is None:
         if allow_none:
             return None
@@ -256,30 +271,30 @@ def check_momentum(momentum, allow_none=True):
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating,
                                                                np.integer)):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-    momentum = float(momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-    return momentum
+    value = float(momentum)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {value!r}")
+    return value
 
 
-def check_positive_int(value, name):
+def check_positive_int(value: object, name: str) -> int:
     """An int >= 1 (bools and floats are TypeErrors), e.g. num_features or conv groups."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     try:
-        value = operator.index(value)
+        count = operator.index(value)  # type: ignore[arg-type]  # TypeError is the check
     except TypeError:
         raise TypeError(f"{name} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    if count < 1:
+        raise ValueError(f"{name} must be >= 1, got {count}")
+    return count
 
 
-def check_num_features(num_features):
+def check_num_features(num_features: object) -> int:
     return check_positive_int(num_features, "num_features")
 
 
-def check_param_dtype(dtype):
+def check_param_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         hint = ""
@@ -291,14 +306,14 @@ def check_param_dtype(dtype):
 
 
 
-def check_activation(activation):
+def check_activation(activation: object) -> str | None:
     """The fused activation: None or "relu"."""
     if activation is not None and not (isinstance(activation, str) and activation == "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     return activation
 
 
-def check_residual(residual, x):
+def check_residual(residual: object, x: NDArray[Any]) -> NDArray[Any]:
     """The residual of a fused forward, y = act(bn(x) + residual): an array of x's shape
     and dtype, in any memory order.  It is only read (out must not overlap it)."""
     return check_like(residual, x.shape, x.dtype, "residual", "the input")

@@ -27,7 +27,10 @@ the dtype of the given weight; the inputs are never modified.  All checks run be
 arithmetic.
 """
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ._module import BatchNorm
 from ._validation import check_positive_int
@@ -36,8 +39,12 @@ __all__ = ["fold_into_linear", "fold_into_conv", "fold_into_following_linear"]
 
 _LINEAR_LAYOUTS = ("out_in", "in_out")
 
+# A folded layer's new (weight, bias), in the dtype of the weight given.
+_Folded = tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]
 
-def fold_into_linear(weight, bias, bn, weight_layout="out_in"):
+
+def fold_into_linear(weight: ArrayLike, bias: ArrayLike | None, bn: BatchNorm,
+                     weight_layout: str = "out_in") -> _Folded:
     """Fold ``bn`` (eval mode) that follows a linear layer into the layer's weight and bias.
 
     Returns new ``(weight, bias)`` such that ``x @ W'.T + b'`` equals
@@ -70,7 +77,8 @@ def fold_into_linear(weight, bias, bn, weight_layout="out_in"):
     return _results(new_weight, _folded_bias(bias, scale, shift), weight.dtype)
 
 
-def fold_into_conv(weight, bias, bn, transposed=False, groups=1):
+def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, bn: BatchNorm,
+                   transposed: bool = False, groups: int = 1) -> _Folded:
     """Fold ``bn`` (eval mode) that follows a convolution into the convolution's weight and
     bias.  Returns new ``(weight, bias)``; stride, padding, dilation and groups of the
     convolution are unaffected and stay as they were.
@@ -128,7 +136,8 @@ def fold_into_conv(weight, bias, bn, transposed=False, groups=1):
     return _results(new_weight, _folded_bias(bias, scale, shift), weight.dtype)
 
 
-def fold_into_following_linear(bn, weight, bias, weight_layout="out_in"):
+def fold_into_following_linear(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None,
+                               weight_layout: str = "out_in") -> _Folded:
     """Fold ``bn`` (eval mode) that *precedes* a linear layer into the layer's weight and
     bias.  Returns new ``(weight, bias)`` such that ``x @ W'.T + b'`` equals
     ``bn(x) @ W.T + b``.
@@ -175,7 +184,7 @@ def fold_into_following_linear(bn, weight, bias, weight_layout="out_in"):
 
 
 # ---------------------------------------------------------------------- checks and helpers
-def _check_foldable(bn):
+def _check_foldable(bn: object) -> None:
     """An eval-mode BatchNorm with running statistics, or an error saying why not."""
     if not isinstance(bn, BatchNorm):
         raise TypeError(f"bn must be a cpubn.BatchNorm, got {type(bn).__name__}")
@@ -196,7 +205,7 @@ def _check_foldable(bn):
                          f"{var_plus_eps.min()!r}")
 
 
-def _eval_affine_map(bn):
+def _eval_affine_map(bn: BatchNorm) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """(scale, shift) in float64 with bn(x) = scale * x + shift per channel (eval mode)."""
     scale = 1.0 / np.sqrt(np.asarray(bn.running_var, dtype=np.float64) + bn.eps)
     if bn.affine:
@@ -207,7 +216,7 @@ def _eval_affine_map(bn):
     return scale, shift
 
 
-def _float_array(value, name):
+def _float_array(value: object, name: str) -> NDArray[Any]:
     try:
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (TypeError, ValueError) as exc:  # ragged lists and other non-array objects
@@ -219,14 +228,14 @@ def _float_array(value, name):
     return array
 
 
-def _check_linear_layout(weight_layout):
+def _check_linear_layout(weight_layout: object) -> str:
     if not (isinstance(weight_layout, str) and weight_layout in _LINEAR_LAYOUTS):
         raise ValueError(f"weight_layout must be 'out_in' (PyTorch's (out_features, "
                          f"in_features)) or 'in_out', got {weight_layout!r}")
     return weight_layout
 
 
-def _check_ndim(weight, ndim, what, layout):
+def _check_ndim(weight: NDArray[Any], ndim: int, what: str, layout: str) -> None:
     if weight.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dimensions {layout}, "
                          f"got shape {weight.shape}")
@@ -234,30 +243,32 @@ def _check_ndim(weight, ndim, what, layout):
 
 
 
-def _check_channels(layer_channels, bn, described):
+def _check_channels(layer_channels: int, bn: BatchNorm, described: str) -> None:
     if layer_channels != bn.num_features:
         raise ValueError(f"channel count mismatch: {described}, but the BatchNorm has "
                          f"num_features={bn.num_features}")
 
 
-def _check_bias(bias, length, length_name):
+def _check_bias(bias: object, length: int, length_name: str) -> NDArray[Any] | None:
     if bias is None:
         return None
-    bias = _float_array(bias, "bias")
-    if bias.shape != (length,):
-        raise ValueError(f"bias has shape {bias.shape}, expected ({length},) "
+    array = _float_array(bias, "bias")
+    if array.shape != (length,):
+        raise ValueError(f"bias has shape {array.shape}, expected ({length},) "
                          f"({length_name})")
-    return bias
+    return array
 
 
-def _folded_bias(bias, scale, shift):
+def _folded_bias(bias: NDArray[Any] | None, scale: NDArray[np.float64],
+                 shift: NDArray[np.float64]) -> NDArray[np.float64]:
     """scale * bias + shift; a missing bias counts as zero."""
     if bias is None:
         return shift
     return bias.astype(np.float64) * scale + shift
 
 
-def _results(new_weight, new_bias, dtype):
+def _results(new_weight: NDArray[np.float64], new_bias: NDArray[np.float64],
+             dtype: np.dtype[Any]) -> _Folded:
     # Native byte order, so the results are ordinary arrays whatever the input was.
-    dtype = np.dtype(dtype.type)
-    return new_weight.astype(dtype, copy=False), new_bias.astype(dtype, copy=False)
+    native = np.dtype(dtype.type)
+    return new_weight.astype(native, copy=False), new_bias.astype(native, copy=False)

@@ -1,6 +1,9 @@
 """The functional API, mirroring torch.nn.functional.batch_norm and ATen's
 native_batch_norm / native_batch_norm_backward.  Validation, then dispatch."""
+from typing import Any, Literal, overload
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _dispatch
 from ._layout import plan
@@ -9,21 +12,26 @@ from ._validation import (check_activation, check_batch_stats_possible, check_bo
                           check_momentum, check_out, check_residual, check_state_array)
 
 
-def _check_running_buffer(buffer, channels, name, training):
+def _check_running_buffer(buffer: object, channels: int, name: str,
+                          training: bool) -> NDArray[Any] | None:
     if training and buffer is not None:
         # Updated in place: a list or a read-only array would silently not be.
         return check_state_array(buffer, channels, name)
     return check_channel_array(buffer, channels, name)
 
 
-def _named(**arrays):
+def _named(**arrays: object) -> tuple[tuple[object, str], ...]:
     """(array, name) pairs of the given per-channel arrays, for check_out."""
     return tuple((a, name) for name, a in arrays.items())
 
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None,
-                       activation=None, residual=None):
+def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, running_mean: NDArray[Any] | None = None,
+                       running_var: NDArray[Any] | None = None, training: bool = True,
+                       momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
+                       out: NDArray[Any] | None = None, activation: str | None = None,
+                       residual: ArrayLike | None = None
+                       ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Batch normalization forward pass; returns (y, save_mean, save_invstd).
 
     training=True normalizes with the batch's mean and biased variance and, if given,
@@ -46,39 +54,44 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     y = relu(bn(x) + residual).  Keep y for batch_norm_backward: its sign is the ReLU
     mask.
     """
-    x, axis = check_data(x, axis)
+    data, feature_axis = check_data(x, axis)
     training = check_bool(training, "training")
     relu = check_activation(activation) is not None
-    if residual is not None:
-        residual = check_residual(residual, x)
-    channels = x.shape[axis]
+    residual_array = None if residual is None else check_residual(residual, data)
+    channels = data.shape[feature_axis]
     eps = check_eps(eps)
-    momentum = check_momentum(momentum, allow_none=False)
-    weight = check_channel_array(weight, channels, "weight")
-    bias = check_channel_array(bias, channels, "bias")
+    momentum_value = check_momentum(momentum, allow_none=False)
+    weights = check_channel_array(weight, channels, "weight")
+    biases = check_channel_array(bias, channels, "bias")
     running_mean = _check_running_buffer(running_mean, channels, "running_mean", training)
     running_var = _check_running_buffer(running_var, channels, "running_var", training)
-    out = check_out(out, x, may_alias=((x, "the input"),),
-                    must_not_overlap=_named(weight=weight, bias=bias,
+    out = check_out(out, data, may_alias=((data, "the input"),),
+                    must_not_overlap=_named(weight=weights, bias=biases,
                                             running_mean=running_mean,
                                             running_var=running_var)
-                    + (() if residual is None else ((residual, "the residual"),)))
+                    + (() if residual_array is None
+                       else ((residual_array, "the residual"),)))
     if training:
-        check_batch_stats_possible(x, axis)
-        y, saved = _dispatch.forward(x, axis, weight, bias, eps, out, residual=residual,
-                                     relu=relu)
-        _dispatch.update_running_stats(running_mean, running_var, saved, x.size // channels,
-                                       momentum)
+        check_batch_stats_possible(data, feature_axis)
+        y, saved = _dispatch.forward(data, feature_axis, weights, biases, eps, out,
+                                     residual=residual_array, relu=relu)
+        assert momentum_value is not None           # allow_none=False
+        _dispatch.update_running_stats(running_mean, running_var, saved,
+                                       data.size // channels, momentum_value)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        y, saved = _dispatch.forward(x, axis, weight, bias, eps, out, running_mean,
-                                     running_var, residual=residual, relu=relu)
+        y, saved = _dispatch.forward(data, feature_axis, weights, biases, eps, out,
+                                     running_mean, running_var, residual=residual_array,
+                                     relu=relu)
     return y, saved.mean, saved.invstd
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, axis=1, out=None, activation=None, residual=None):
+def batch_norm(x: ArrayLike, running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
+               out: NDArray[Any] | None = None, activation: str | None = None,
+               residual: ArrayLike | None = None) -> NDArray[Any]:
     """Like torch.nn.functional.batch_norm: returns y; in training mode the running
     statistics (if not None) are updated in place.  ``activation="relu"`` and
     ``residual`` fuse relu(bn(x) + residual) into the same pass.  See batch_norm_forward."""
@@ -86,8 +99,33 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                               momentum, eps, axis, out, activation, residual)[0]
 
 
-def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=True, axis=1,
-                        out=None, activation=None, y=None, residual=False):
+_Grads = tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
+_GradsResidual = tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]
+
+
+@overload
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None,
+                        training: bool = True, axis: int = 1, out: NDArray[Any] | None = None,
+                        activation: str | None = None, y: ArrayLike | None = None,
+                        residual: Literal[False] = False) -> _Grads: ...
+@overload
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None,
+                        training: bool = True, axis: int = 1, out: NDArray[Any] | None = None,
+                        activation: str | None = None, y: ArrayLike | None = None, *,
+                        residual: Literal[True]) -> _GradsResidual: ...
+@overload
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None,
+                        training: bool = True, axis: int = 1, out: NDArray[Any] | None = None,
+                        activation: str | None = None, y: ArrayLike | None = None,
+                        residual: bool = False) -> _Grads | _GradsResidual: ...
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None,
+                        training: bool = True, axis: int = 1, out: NDArray[Any] | None = None,
+                        activation: str | None = None, y: ArrayLike | None = None,
+                        residual: bool = False) -> _Grads | _GradsResidual:
     """Gradients of batch normalization; returns (dx, dweight, dbias), or
     (dx, dweight, dbias, dresidual) with ``residual=True``.
 
@@ -104,37 +142,40 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     had a residual) also returns the residual's gradient, the gradient that reached
     bn(x) + residual.  dy is then the gradient of the fused output.
     """
-    x, axis = check_data(x, axis, name="x")
+    data, feature_axis = check_data(x, axis, name="x")
     training = check_bool(training, "training")
-    dy = check_like(dy, x.shape, x.dtype, "dy", "x")
+    grad_y = check_like(dy, data.shape, data.dtype, "dy", "x")
     relu = check_activation(activation) is not None
+    output = None
     if relu:
         if y is None:
             raise ValueError("batch_norm_backward with activation='relu' needs y, the "
                              "forward's output (its sign is the ReLU mask)")
-        y = check_like(y, x.shape, x.dtype, "y", "x")
+        output = check_like(y, data.shape, data.dtype, "y", "x")
     elif y is not None:
         raise ValueError("y (the forward's output) is only used with activation='relu'; "
                          "pass the activation the forward used")
     if not isinstance(residual, (bool, np.bool_)):
         raise TypeError(f"residual must be True or False (whether the forward added a "
                         f"residual), got {type(residual).__name__}")
-    channels = x.shape[axis]
-    save_mean = check_channel_array(save_mean, channels, "save_mean")
-    save_invstd = check_channel_array(save_invstd, channels, "save_invstd")
-    if save_mean is None or save_invstd is None:
+    channels = data.shape[feature_axis]
+    mean = check_channel_array(save_mean, channels, "save_mean")
+    invstd = check_channel_array(save_invstd, channels, "save_invstd")
+    if mean is None or invstd is None:
         raise ValueError("save_mean and save_invstd are required")
-    weight = check_channel_array(weight, channels, "weight")
-    out = check_out(out, dy, may_alias=((dy, "dy"),),
-                    must_not_overlap=((x, "x"),) + (((y, "y"),) if relu else ())
-                    + _named(weight=weight, save_mean=save_mean, save_invstd=save_invstd))
-    layout = plan(x, axis)
-    stats = np.concatenate([save_mean, save_invstd]).astype(np.float64, copy=False)
-    saved = _dispatch.Saved(layout.dense(x), layout, stats, bool(training),
-                            layout.dense(y) if relu else None, bool(residual))
-    dx, grads, dresidual = _dispatch.backward(dy, saved, weight, out)
-    grad_dtype = weight.dtype if weight is not None else _dispatch.param_dtype(x.dtype)
+    weights = check_channel_array(weight, channels, "weight")
+    out = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
+                    must_not_overlap=((data, "x"),) + (((output, "y"),) if relu else ())
+                    + _named(weight=weights, save_mean=mean, save_invstd=invstd))
+    layout = plan(data, feature_axis)
+    stats = np.concatenate([mean, invstd]).astype(np.float64, copy=False)
+    saved = _dispatch.Saved(layout.dense(data), layout, stats, bool(training),
+                            layout.dense(output) if output is not None else None,
+                            bool(residual))
+    dx, grads, dresidual = _dispatch.backward(grad_y, saved, weights, out)
+    grad_dtype = weights.dtype if weights is not None else _dispatch.param_dtype(data.dtype)
     dweight, dbias = grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)
     if residual:
+        assert dresidual is not None                # the Saved had residual=True
         return dx, dweight, dbias, dresidual
     return dx, dweight, dbias

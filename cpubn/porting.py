@@ -12,33 +12,46 @@
 Neither torch nor onnx is imported until one of these functions needs it: cpubn itself
 depends on NumPy only.
 """
-import collections
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from ._validation import check_axis
 
+if TYPE_CHECKING:
+    from ._module import BatchNorm
+
 __all__ = ["load_state_dicts", "to_onnx_node", "IncompatibleKeys"]
 
-# What load_state_dicts reports (the field names of torch's own result).
-IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+_Layer = TypeVar("_Layer", bound="BatchNorm")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dicts reports (the field names of torch's own result)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
 
 # A torch module's or state dict's running-statistics entries mark a BatchNorm.
 _RUNNING_KEYS = ("running_mean", "running_var")
 
 
-def _to_numpy(value):
+def _to_numpy(value: Any) -> NDArray[Any]:
     """A torch tensor (any device, bfloat16 included) or array-like as a NumPy array."""
     if hasattr(value, "detach"):                      # a torch.Tensor, without importing torch
         value = value.detach().cpu()
         if value.is_floating_point() and value.element_size() < 4:
             value = value.float()                     # NumPy has no bfloat16; exact widening
-        return value.numpy()
+        array: NDArray[Any] = value.numpy()
+        return array
     return np.asarray(value)
 
 
-def _param_dtype(arrays):
+def _param_dtype(arrays: Iterable[NDArray[Any] | None]) -> type[np.floating[Any]]:
     """float64 when the source parameters are float64, float32 otherwise (half-precision
     parameters widen exactly to float32, the dtype cpubn computes half data with)."""
     return (np.float64 if any(a is not None and a.dtype == np.float64 for a in arrays)
@@ -46,7 +59,8 @@ def _param_dtype(arrays):
 
 
 # ---------------------------------------------------------------------------- PyTorch
-def from_torch(cls, module, axis=1, dtype=None, activation=None, **kwargs):
+def from_torch(cls: type[_Layer], module: Any, axis: int = 1, dtype: DTypeLike | None = None,
+               activation: str | None = None, **kwargs: Any) -> _Layer:
     """A new ``cls`` layer equal to a torch BatchNorm module.
 
     module: ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or a materialized
@@ -83,9 +97,9 @@ def from_torch(cls, module, axis=1, dtype=None, activation=None, **kwargs):
     return layer.train(bool(module.training))
 
 
-def _batchnorm_prefixes(keys):
+def _batchnorm_prefixes(keys: Iterable[str]) -> list[str]:
     """The module paths of a state dict that hold running statistics, in key order."""
-    prefixes = []
+    prefixes: list[str] = []
     for key in keys:
         prefix, _, name = key.rpartition(".")
         if name in _RUNNING_KEYS and prefix not in prefixes:
@@ -93,11 +107,14 @@ def _batchnorm_prefixes(keys):
     return prefixes
 
 
-def _join(prefix, name):
+def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def load_state_dicts(layers, state_dict, prefix_map=None, strict=True):
+def load_state_dicts(layers: dict[str, "BatchNorm"] | Iterable["BatchNorm"],
+                     state_dict: Mapping[str, Any],
+                     prefix_map: Mapping[str, str] | None = None,
+                     strict: bool = True) -> IncompatibleKeys:
     """Load the BatchNorm entries of a whole-model PyTorch state dict into cpubn layers.
 
     layers: a dict ``{name: layer}`` whose names are the BatchNorms' module paths in the
@@ -118,37 +135,41 @@ def load_state_dicts(layers, state_dict, prefix_map=None, strict=True):
     Other entries (convolution weights, ...) are left for the caller and not reported.
     Returns ``IncompatibleKeys(missing_keys, unexpected_keys)``.  Values are checked as
     ``BatchNorm.load_state_dict`` checks them; a failed load changes no layer."""
-    prefix_map = {} if prefix_map is None else dict(prefix_map)
+    renames: dict[str, str] = {} if prefix_map is None else dict(prefix_map)
     keys = list(state_dict)
+    paths: dict[str, str]
+    named: list[tuple[str, BatchNorm]]
     if isinstance(layers, dict):
-        unknown = sorted(set(prefix_map) - set(layers))
+        unknown = sorted(set(renames) - set(layers))
         if unknown:
             raise ValueError(f"prefix_map names {unknown}, which are not in layers")
-        paths = {name: prefix_map.get(name, name) for name in layers}
+        paths = {name: renames.get(name, name) for name in layers}
         named = list(layers.items())
     else:
-        layers = list(layers)
-        if prefix_map:
+        layer_list = list(layers)
+        if renames:
             raise ValueError("prefix_map needs layers as a dict {name: layer}")
         found = _batchnorm_prefixes(keys)
-        if len(found) != len(layers):
+        if len(found) != len(layer_list):
             raise ValueError(f"the state dict has {len(found)} BatchNorms ({found}) but "
-                             f"{len(layers)} layers were given; pass a dict {{path: layer}} "
-                             f"to choose")
-        named = [(str(i), layer) for i, layer in enumerate(layers)]
+                             f"{len(layer_list)} layers were given; pass a dict "
+                             f"{{path: layer}} to choose")
+        named = [(str(i), layer) for i, layer in enumerate(layer_list)]
         paths = {str(i): path for i, path in enumerate(found)}
-    owners = {}
+    owners: dict[str, str] = {}
     for name, _ in named:
         path = paths[name]
         if path in owners:
             raise ValueError(f"layers {owners[path]!r} and {name!r} both load from {path!r}")
         owners[path] = name
 
-    missing, unexpected, plans = [], [], []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    plans: list[tuple[BatchNorm, dict[str, NDArray[Any]]]] = []
     for name, layer in named:
         path = paths[name]
         wanted = {_join(path, key): key for key in layer._state_keys()}
-        given = {}
+        given: dict[str, NDArray[Any]] = {}
         for full, key in wanted.items():
             if full in state_dict:
                 given[key] = _to_numpy(state_dict[full])
@@ -166,7 +187,7 @@ def load_state_dicts(layers, state_dict, prefix_map=None, strict=True):
         raise ValueError(f"state dict mismatch: missing keys {missing}, unexpected keys "
                          f"{unexpected}")
 
-    snapshots = []
+    snapshots: list[_Snapshot] = []
     try:
         for layer, given in plans:
             snapshots.append(_snapshot(layer))
@@ -182,14 +203,17 @@ def load_state_dicts(layers, state_dict, prefix_map=None, strict=True):
     return result
 
 
-def _snapshot(layer):
+_Snapshot = tuple[dict[str, Any], dict[str, NDArray[Any]] | None]
+
+
+def _snapshot(layer: "BatchNorm") -> _Snapshot:
     """What _restore needs to undo a load_state_dict: the attributes (a LazyBatchNorm's
     materialization rebinds them) and copies of the arrays it writes in place."""
     materialized = getattr(layer, "num_features", None) is not None
     return dict(layer.__dict__), (layer.state_dict() if materialized else None)
 
 
-def _restore(layer, snapshot):
+def _restore(layer: "BatchNorm", snapshot: _Snapshot) -> None:
     attributes, state = snapshot
     layer.__dict__.clear()
     layer.__dict__.update(attributes)
@@ -198,7 +222,7 @@ def _restore(layer, snapshot):
 
 
 # ---------------------------------------------------------------------------- ONNX
-def _import_onnx():
+def _import_onnx() -> tuple[Any, Any]:
     try:
         import onnx
         from onnx import numpy_helper
@@ -208,13 +232,13 @@ def _import_onnx():
     return onnx, numpy_helper
 
 
-def _float32_decimal(value):
+def _float32_decimal(value: float) -> float:
     """The shortest decimal that a float32 attribute holds: the value the exporter wrote
     (epsilon 1e-5 is stored as 9.99999975e-06 and read back as 1e-05)."""
     return float(str(np.float32(value)))
 
 
-def _find_batchnorm_node(graph, node_name):
+def _find_batchnorm_node(graph: Any, node_name: str | None) -> Any:
     nodes = [node for node in graph.node if node.op_type == "BatchNormalization"]
     if node_name is None:
         if len(nodes) != 1:
@@ -228,8 +252,9 @@ def _find_batchnorm_node(graph, node_name):
                      f"{[n.name for n in nodes]}")
 
 
-def from_onnx(cls, model, node_name=None, axis=1, dtype=None, values=None,
-              activation=None, **kwargs):
+def from_onnx(cls: type[_Layer], model: Any, node_name: str | None = None, axis: int = 1,
+              dtype: DTypeLike | None = None, values: Mapping[str, ArrayLike] | None = None,
+              activation: str | None = None, **kwargs: Any) -> _Layer:
     """A new ``cls`` layer from a BatchNormalization node of an ONNX model.
 
     model: an ``onnx.ModelProto`` or the path of a ``.onnx`` file.
@@ -259,7 +284,7 @@ def from_onnx(cls, model, node_name=None, axis=1, dtype=None, values=None,
                          f"(X, scale, B, mean, var)")
     initializers = {t.name: t for t in graph.initializer}
     values = {} if values is None else values
-    arrays = []
+    arrays: list[NDArray[Any]] = []
     for input_name in node.input[1:]:
         if input_name in values:
             arrays.append(np.asarray(values[input_name]))
@@ -282,7 +307,8 @@ def from_onnx(cls, model, node_name=None, axis=1, dtype=None, values=None,
     return layer.train(bool(attributes.get("training_mode", 0)))
 
 
-def to_onnx_node(layer, input_name, output_name, name=None):
+def to_onnx_node(layer: "BatchNorm", input_name: str, output_name: str,
+                 name: str | None = None) -> tuple[Any, list[Any]]:
     """The ONNX BatchNormalization node (opset 15) computing ``layer`` in eval mode, and
     its initializers: ``(node, [scale, B, mean, var])`` to add to a graph.
 

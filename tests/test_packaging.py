@@ -74,7 +74,8 @@ def test_sdist_carries_every_build_input(built):
     needed = {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "setup.py",
               "MANIFEST.in"}
     needed |= {name for name in files
-               if name.startswith("src/") or (name.startswith("cpubn/") and name.endswith(".py"))}
+               if name.startswith("src/") or (name.startswith("cpubn/")
+                                              and name.endswith((".py", ".pyi", "py.typed")))}
     assert sorted(needed - names) == []
     assert any(name.endswith(".pxd") for name in needed)      # the check covers the .pxd files
 
@@ -92,6 +93,10 @@ def test_wheel_holds_modules_license_and_metadata(built):
     assert kernels and compiled == kernels
     python_files = {name for name in files if name.startswith("cpubn/") and name.endswith(".py")}
     assert sorted(python_files - names) == []
+    # PEP 561: the typing marker and the compiled modules' stubs.
+    typing_files = {name for name in files
+                    if name.startswith("cpubn/") and name.endswith((".pyi", "py.typed"))}
+    assert "cpubn/py.typed" in typing_files and sorted(typing_files - names) == []
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: BSD-3-Clause" in metadata
     assert "Requires-Dist: numpy>=2" in metadata
