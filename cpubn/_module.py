@@ -5,6 +5,7 @@ raises leaves the object exactly as it was.
 """
 import json
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -12,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dispatch
-from ._arrays import params_unchanged
+from ._arrays import first_bounds_overlap, params_unchanged
 from ._validation import (check_activation, check_axis, check_batch_stats_possible, check_bool,
                           check_data, check_eps, check_like, check_momentum,
                           check_num_features, check_out, check_param_dtype, check_residual,
@@ -103,6 +104,9 @@ class BatchNorm:
     _saved: Any
     _checked_params: tuple[bool, int, np.dtype[Any] | None,
                            tuple[NDArray[Any] | None, ...]] | None
+    # The last forward `out` that passed check_out: see _check_forward_out.
+    _checked_out: tuple["weakref.ref[NDArray[Any]]", tuple[int, ...], tuple[int, ...],
+                        np.dtype[Any], object] | None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, axis: int = 1,
@@ -132,6 +136,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
         self._checked_params = None
+        self._checked_out = None
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
@@ -154,11 +159,10 @@ class BatchNorm:
         relu = check_activation(self.activation) is not None
         if residual is not None:
             residual = check_residual(residual, x)
-        if out is not None:
-            out = check_out(out, x, may_alias=((x, "the input"),),
-                            must_not_overlap=self._per_channel_arrays()
-                            + (() if residual is None else ((residual, "the residual"),)))
         weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
+        in_place = False
+        if out is not None:
+            out, in_place = self._check_forward_out(out, x, residual)
         tracking = self.training and self.track_running_stats
         if tracking:                        # checked before the kernel and any state change
             check_state_array(self.running_mean, self.num_features, "running_mean")
@@ -171,10 +175,48 @@ class BatchNorm:
                                          relu=relu)
         if tracking:
             self._track_batch(saved, x.size // x.shape[axis])
-        if out is not None and overlaps_input(out, x):
+        if in_place:
             saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
+
+    def _check_forward_out(self, out: object, x: NDArray[Any],
+                           residual: NDArray[Any] | None) -> tuple[NDArray[Any], bool]:
+        """check_out for a forward's `out` (x may be it, nothing else may overlap it), and
+        whether it is x's memory (an in-place call).  Runs after _kernel_params.
+
+        Calls that pass the same `out` again (a loop writing into one buffer) skip the
+        checks whose facts have not changed, since at batch 1 they cost as much as
+        allocating: the last `out` that passed is kept (weakly) with its shape, strides and
+        dtype, and the per-channel arrays it was checked against are those of
+        _checked_params (the same objects, length, dtype and C-contiguity, confirmed by
+        _kernel_params on this call).  Same object, shape, strides and dtype fix an array's
+        memory extent (its data only moves under ndarray.resize(refcheck=False), which
+        NumPy documents as unsafe), so its self-overlap and its overlap with those arrays
+        are as checked.  Checked again on every call: out's shape and dtype against x's,
+        the writeable flag, and, with a bounds test in C, overlap with x and with
+        grad_weight / grad_bias (identity alone does not fix their extents: no contiguity
+        check covers them).  Any doubt, a residual or a bounds hit, runs check_out."""
+        cached = self._checked_out
+        if (residual is None and cached is not None and cached[0]() is out
+                and type(out) is np.ndarray and out.shape == x.shape == cached[1]
+                and out.strides == cached[2] and out.dtype is cached[3]
+                and x.dtype is cached[3] and cached[4] is self._checked_params
+                and out.flags.writeable
+                and first_bounds_overlap(out, ((x, "the input"),
+                                               (self.grad_weight, "grad_weight"),
+                                               (self.grad_bias, "grad_bias"))) < 0):
+            return out, False
+        checked = check_out(out, x, may_alias=((x, "the input"),),
+                            must_not_overlap=self._per_channel_arrays()
+                            + (() if residual is None else ((residual, "the residual"),)))
+        assert checked is not None                  # out is not None
+        params = self._checked_params
+        self._checked_out = None
+        if type(checked) is np.ndarray and params is not None:
+            self._checked_out = (weakref.ref(checked), checked.shape, checked.strides,
+                                 checked.dtype, params)
+        return checked, overlaps_input(checked, x)
 
     # Hooks for the layers built on BatchNorm (SyncBatchNorm, BatchRenorm, GhostBatchNorm):
     # they change how batch statistics are computed, tracked and differentiated, and
