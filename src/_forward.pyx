@@ -169,37 +169,17 @@ cdef int train_nhwc(const data_t* x, const data_t* r, data_t* y, const param_t* 
                     const param_t* bias, double eps, double* stats, floating* constants,
                     Py_ssize_t R, Py_ssize_t C, int n_threads, bint relu,
                     bint stream, float* work) noexcept nogil:
-    # Per-block statistics of all channels at once (the channel loop is the vector loop),
-    # combined per channel in block order, then a normalization pass.  DRAM traffic: x
-    # read twice, y written once.
-    cdef Py_ssize_t rows = rows_per_block(C)
-    cdef Py_ssize_t blocks = block_count(R, rows)
-    cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
-    cdef Py_ssize_t b, t, c
-    cdef double* partials = <double*>malloc((4 * blocks + 3) * C * sizeof(double))
-    cdef double* combined
-    if partials == NULL:
-        return OUT_OF_MEMORY
-    # Block b's means at partials[b * C:], its m2 at partials[(blocks + b) * C:], its
-    # scratch (2 * C) at partials[(2 * blocks + 2 * b) * C:]; then the combined mean, m2
-    # and scratch.
-    combined = partials + 4 * blocks * C
-    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
-                     thread_work(work, n_threads))
-    for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1 and blocks * C > 65536):
-        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
-                           t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
-                           combined + C, combined + 2 * C)
+    # Per-block statistics of all channels at once (stats_nhwc: the channel loop is the
+    # vector loop), combined per channel in block order, then a normalization pass.  DRAM
+    # traffic: x read twice, y written once.
+    cdef Py_ssize_t c
+    cdef int status = stats_nhwc(x, eps, stats, R, C, n_threads, work)
+    if status != 0:
+        return status
     for c in range(C):
-        store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
-        normalize_constants(combined[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
+        normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
                             &constants[c], &constants[C + c], &constants[2 * C + c])
     normalize_blocks_nhwc(x, r, y, R, C, constants, n_threads, relu, stream, work)
-    free(partials)
     return 0
 
 
@@ -433,7 +413,9 @@ cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py
 
 cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py_ssize_t C,
                     int n_threads, float* work) noexcept nogil:
-    # train_nhwc's statistics: per-block partials of all channels, combined in block order.
+    # Per-block partials of all channels, combined in block order.  Block b's means at
+    # partials[b * C:], its m2 at partials[(blocks + b) * C:], its scratch (2 * C) at
+    # partials[(2 * blocks + 2 * b) * C:].
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
     cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
@@ -442,7 +424,7 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     cdef double* combined
     if partials == NULL:
         return OUT_OF_MEMORY
-    combined = partials + 4 * blocks * C        # the layout of train_nhwc's scratch
+    combined = partials + 4 * blocks * C        # then the combined mean, m2 and scratch
     for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
