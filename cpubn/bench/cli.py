@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 from .batchnorm import run_benchmarks, save_plot
 from .harness import (DRAM_COPY_BYTES, OPS, SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK,
-                      add_plot_option, import_torch, parse_shape, parse_threads, shape_label)
+                      add_plot_option, emit_report, import_torch, parse_shape, parse_threads,
+                      shape_label)
 from .plot import matplotlib_missing
 from .report import format_report
 
@@ -108,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch = None if args.no_torch else import_torch()
     report = run_benchmarks(args, cpubn, torch)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.plot:
-        save_plot(report, args.plot)
+    emit_report(report, args, format_report, save_plot)
     failed = any("error" in r["peers"].get(name, {}) or r["check"] != "ok"
                  for r in report["results"] for name in ("cpubn", "cpubn_out"))
     if report["tiny"] and any(k.startswith("cpubn") for k in report["tiny"]["errors"]):

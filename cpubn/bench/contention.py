@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from .harness import (SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK, add_plot_option,
-                      add_size_options, import_torch, layouts_for, ops_for, parse_shape,
-                      shape_label)
+                      add_size_options, emit_report, import_torch, layouts_for, ops_for,
+                      parse_shape, shape_label)
 from .peers import BenchBuffers, build_peers
 from .plot import bar, matplotlib_missing, save_ratio_plot
 
@@ -209,11 +209,5 @@ def main(argv: list[str]) -> int:
 
     torch = None if args.no_torch else import_torch()
     report = run(args, cpubn, torch)
-    print(format_report(report))
-    if args.json:
-        import json
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.plot:
-        save_plot(report, args.plot)
+    emit_report(report, args, format_report, save_plot)
     return 1 if any("cpubn" in r["errors"] for r in report["results"]) else 0

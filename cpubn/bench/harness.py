@@ -289,13 +289,19 @@ def run_sweep(args, shapes, ops, config, make_buffers, run_case, format_report,
     finally:
         if torch is not None:
             torch.set_num_threads(torch_threads)
+    emit_report(report, args, format_report, save_plot)
+    return report
+
+
+def emit_report(report, args, format_report, save_plot=None):
+    """What every bench does with its report: print it, write the --json file and draw the
+    --plot figure (save_plot(report, path))."""
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     if args.plot and save_plot is not None:
         save_plot(report, args.plot)
-    return report
 
 
 def import_torch():
