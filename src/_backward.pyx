@@ -30,13 +30,16 @@ cimport numpy as cnp
 from bn_loops cimport (cpubn_bfloat16, cpubn_half, cpubn_half_init, data_t, floating,
                        new_work, rows_grad_sums, rows_input_grad, rows_masked_grad_sums,
                        rows_normalize, run_grad_sums, run_input_grad, run_masked_grad_sums,
-                       run_normalize, shifted, thread_work)
+                       run_normalize, shifted, slab_grad_sums, slab_input_grad, thread_work)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
                      UNSUPPORTED_TYPES, check_dims, check_no_overlap, check_params, check_status,
                      checked_array, data_kind, data_of, gamma_of, param_t)
-from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count, block_rows, chunk_length,
-                        channels_per_block, chunks_per_run, ordered_sum, rows_per_block,
-                        split_item_channel, split_item_offset, split_item_slot, split_wave)
+from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, SLAB_MAX_WIDTH, block_count, block_rows,
+                        chunk_length, channels_per_block, chunks_per_run, ordered_sum,
+                        rows_per_block, schedule_chunk, slab_batch_items, slab_batch_tiles,
+                        slab_channel_tiles, slab_channels, slab_first_channel, slab_offset,
+                        slab_wave, slabs_complete, split_item_channel, split_item_offset,
+                        split_item_slot, split_wave, uses_slabs)
 
 cnp.import_array()
 cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
@@ -191,7 +194,8 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
         units = nw * chunks                     # this wave's partials per channel
         # Item u of the wave (partition.pxd: split_item_*): its sum(dy) at partials[slot],
         # its sum(dy * (x - mean)) at partials[C * units + slot].
-        for u in prange(nw * C * chunks, schedule='dynamic', num_threads=n_threads,
+        for u in prange(nw * C * chunks, schedule='dynamic',
+                        chunksize=schedule_chunk(min(S, RUN_CHUNK)), num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             slot = split_item_slot(u, nw, C, chunks)
             chunk_grad_sums(dy, y, x, g, split_item_offset(n0 * C * chunks + u, S, chunks),
@@ -210,13 +214,108 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
         input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
                              <double>(N * S), training, &constants[c], &constants[C + c],
                              &constants[2 * C + c], &constants[3 * C + c])
-    for u in prange(N * C, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
+    for u in prange(N * C, schedule='dynamic', chunksize=schedule_chunk(S),
+                    num_threads=n_threads, use_threads_if=n_threads > 1):
         c = u % C
         input_grad_run(grad + u * S, x + u * S, dx + u * S, S, constants[c], constants[C + c],
                        constants[2 * C + c], constants[3 * C + c], training, stream,
                        thread_work(work, n_threads))
     free(partials)
+    return 0
+
+
+# ---------------------------------------------------------------- channels-first short runs
+
+cdef inline data_t* shifted_out(data_t* p, Py_ssize_t offset) noexcept nogil:
+    # p + offset for an optional output (NULL stays NULL).
+    if p == NULL:
+        return NULL
+    return p + offset
+
+
+cdef void backward_slab(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
+                        data_t* dx, const double* stats, const param_t* weight,
+                        bint training, double* grads, floating* constants, Py_ssize_t N,
+                        Py_ssize_t C, Py_ssize_t S, Py_ssize_t item,
+                        float* work) noexcept nogil:
+    # A slab of whole channels (slabs_complete): its gradient sums, then its dx while dy
+    # (or g) and x are still in L2.  constants: the call's k[C], a[C], mean_hi[C], b[C].
+    cdef double sum_dy[SLAB_MAX_WIDTH]
+    cdef double sum_dy_xmu[SLAB_MAX_WIDTH]
+    cdef Py_ssize_t c0 = slab_first_channel(item, C, S), width = slab_channels(item, C, S)
+    cdef Py_ssize_t j, c, offset = c0 * S
+    cdef const data_t* grad = dy if g == NULL else g
+    slab_grad_sums(dy + offset, shifted(y, offset), x + offset, shifted_out(g, offset), N, C,
+                   S, width, stats + c0, sum_dy, sum_dy_xmu, work)
+    for j in range(width):
+        c = c0 + j
+        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c], c, C, grads)
+        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c], stats[C + c],
+                             gamma_of(weight, c), <double>(N * S), training, &constants[c],
+                             &constants[C + c], &constants[2 * C + c], &constants[3 * C + c])
+    slab_input_grad(grad + offset, x + offset, dx + offset, N, C, S, width, &constants[c0],
+                    &constants[C + c0], &constants[2 * C + c0], &constants[3 * C + c0],
+                    training, work)
+
+
+cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
+                             data_t* dx, const double* stats, const param_t* weight,
+                             bint training, double* grads, floating* constants, Py_ssize_t N,
+                             Py_ssize_t C, Py_ssize_t S, int n_threads,
+                             float* work) noexcept nogil:
+    # Slabs of whole channels: one pass each (backward_slab).  Larger batches: per-slab
+    # sums, a wave of batch tiles at a time (slab_wave), added per channel in batch order;
+    # then a dx pass over the slabs.
+    cdef Py_ssize_t tiles = slab_channel_tiles(C, S), batch_tiles = slab_batch_tiles(N, C, S)
+    cdef Py_ssize_t wave = min(batch_tiles, slab_wave(C))
+    cdef Py_ssize_t u, t, c, b, b0, nb, c0, offset
+    cdef double* partials
+    cdef double* sums
+    cdef const data_t* grad = dy if g == NULL else g
+    if slabs_complete(N, C, S):
+        for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            backward_slab(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C, S,
+                          t, thread_work(work, n_threads))
+        return 0
+    partials = <double*>malloc((2 * C * wave + 2 * C) * sizeof(double))
+    if partials == NULL:
+        return OUT_OF_MEMORY
+    sums = partials + 2 * C * wave             # sum(dy)[C], then sum(dy * (x - mean))[C]
+    for c in range(2 * C):
+        sums[c] = 0.0
+    b0 = 0
+    while b0 < batch_tiles:
+        nb = min(wave, batch_tiles - b0)
+        # Slab (b0 + b, t): its sum(dy) at partials[b * C + c0:], its sum(dy * (x - mean))
+        # at partials[(wave + b) * C + c0:].
+        for u in prange(nb * tiles, schedule='dynamic', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            offset = slab_offset(b0 * tiles + u, N, C, S)
+            c0 = slab_first_channel(u, C, S)
+            slab_grad_sums(dy + offset, shifted(y, offset), x + offset, shifted_out(g, offset),
+                           slab_batch_items(b0 * tiles + u, N, C, S), C, S,
+                           slab_channels(u, C, S), stats + c0, partials + (u // tiles) * C + c0,
+                           partials + (wave + u // tiles) * C + c0, thread_work(work, n_threads))
+        for c in range(C):
+            for b in range(nb):
+                sums[c] += partials[b * C + c]
+                sums[C + c] += partials[(wave + b) * C + c]
+        b0 += nb
+    for c in range(C):
+        store_grads(sums[c], sums[C + c], stats[C + c], c, C, grads)
+        input_grad_constants(sums[c], sums[C + c], stats[c], stats[C + c], gamma_of(weight, c),
+                             <double>(N * S), training, &constants[c], &constants[C + c],
+                             &constants[2 * C + c], &constants[3 * C + c])
+    free(partials)
+    for u in prange(batch_tiles * tiles, schedule='dynamic', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        offset = slab_offset(u, N, C, S)
+        c0 = slab_first_channel(u, C, S)
+        slab_input_grad(grad + offset, x + offset, dx + offset, slab_batch_items(u, N, C, S),
+                        C, S, slab_channels(u, C, S), &constants[c0], &constants[C + c0],
+                        &constants[2 * C + c0], &constants[3 * C + c0], training,
+                        thread_work(work, n_threads))
     return 0
 
 
@@ -243,8 +342,8 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
         block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
                         partials + b * C, partials + (blocks + b) * C,
                         thread_work(work, n_threads))
-    for c in prange(C, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1 and blocks * C > 65536):
+    for c in prange(C, schedule='dynamic', chunksize=schedule_chunk(2 * blocks),
+                    num_threads=n_threads, use_threads_if=n_threads > 1 and blocks * C > 65536):
         sum_dy = ordered_sum(partials + c, blocks, C)
         sum_dy_xmu = ordered_sum(partials + blocks * C + c, blocks, C)
         store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
@@ -275,6 +374,9 @@ cdef inline int backward_any(const data_t* dy, const data_t* y, const data_t* x,
     if S == 1:
         return backward_nhwc(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C,
                              n_threads, stream, work)
+    if uses_slabs(S):
+        return backward_slabs_nchw(dy, y, x, g, dx, stats, weight, training, grads, constants,
+                                   N, C, S, n_threads, work)
     return backward_nchw(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C, S,
                          n_threads, stream, work)
 
@@ -331,7 +433,8 @@ def backward(dy, x, dx, stats, weight, bint training, grads, Py_ssize_t N, Py_ss
     cdef void* pc = malloc(4 * C * sizeof(double))
     # Each thread's scratch (half-precision tiles, the streaming buffer), before any
     # parallel region.
-    cdef bint needs_work = stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+    cdef bint needs_work = (stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+                            or (S > 1 and uses_slabs(S)))
     cdef float* work = new_work(n_threads) if needs_work else NULL
     if pc == NULL or (needs_work and work == NULL):
         free(pc)

@@ -101,6 +101,11 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 #define CPUBN_RUN_CHUNK 16384
 #define CPUBN_HALF_RUN_TILE CPUBN_RUN_CHUNK
 
+/* Channels-first runs of at most this many values take the slab loops (bn_loops_slab.h),
+ * a block of at most CPUBN_SLAB_MAX_WIDTH channels per call (partition.pxd: slab_*). */
+#define CPUBN_SLAB_MAX_RUN 1024
+#define CPUBN_SLAB_MAX_WIDTH 64
+
 /* Per-thread scratch of the loops (`float *work`), in floats: what the largest user,
  * run_masked_grad_sums of half-precision data, takes (two reduction tiles and a mask
  * tile).  The kernels allocate it on the heap for each thread before a parallel region
@@ -332,5 +337,9 @@ static void combine_row_blocks(const double *means, const double *m2s, ptrdiff_t
 
 /* float16 and bfloat16: tiles through the float32 loops (needs them and chan_merge). */
 #include "bn_loops_half.h"
+
+/* Channels-first short runs, a slab of runs per call (generated from bn_loops_slab.h.tp;
+ * needs the float and half loops above). */
+#include "bn_loops_slab.h"
 
 #endif

@@ -5,6 +5,8 @@ as scikit-learn does), before Cython runs:
 
   bn_loops_float.h.tp      -> bn_loops_float.h       the loops for float32 and float64 data
   bn_loops_half_loops.h.tp -> bn_loops_half_loops.h  the loops for float16 and bfloat16 data
+  bn_loops_slab.h.tp       -> bn_loops_slab.h        the channels-first short-run (slab)
+                                                     loops, for every data type
   bn_loops.pxd.tp          -> bn_loops.pxd           Cython declarations of every instance,
                                                      and one fused-type dispatcher per loop
 
@@ -68,6 +70,16 @@ LOOPS = [
     ("rows_input_grad", "const T* dy, const T* x, T* dx, Py_ssize_t rows, Py_ssize_t C, "
                         "const F* k, const F* a, const F* mean_hi, const F* b, int stream, "
                         "float* work"),
+    # channels-first short runs: a slab of `items` batch items x `width` channels, runs of
+    # S values (bn_loops_slab.h.tp)
+    ("slab_mean_m2", "const T* x, Py_ssize_t items, Py_ssize_t C, Py_ssize_t S, "
+                     "Py_ssize_t width, double* mean, double* m2, float* work"),
+    ("slab_grad_sums", "const T* dy, const T* y, const T* x, T* g, Py_ssize_t items, "
+                       "Py_ssize_t C, Py_ssize_t S, Py_ssize_t width, const double* mean, "
+                       "double* sum_dy, double* sum_dy_xmu, float* work"),
+    ("slab_input_grad", "const T* dy, const T* x, T* dx, Py_ssize_t items, Py_ssize_t C, "
+                        "Py_ssize_t S, Py_ssize_t width, const F* k, const F* a, "
+                        "const F* mean_hi, const F* b, int training, float* work"),
 ]
 
 

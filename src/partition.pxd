@@ -10,6 +10,10 @@ cdef extern from "bn_loops.h":
     # elements (64 KiB of float32: the second pass of a chunk reads from L1/L2).  Defined
     # in bn_loops.h, whose half-precision loops reduce a chunk as one tile.
     enum: RUN_CHUNK "CPUBN_RUN_CHUNK"
+    # Channels-first runs of at most SLAB_MAX_RUN values (7x7, 14x14, 28x28 maps) take the
+    # slab kernels, at most SLAB_MAX_WIDTH channels per slab (bn_loops_slab.h.tp).
+    enum: SLAB_MAX_RUN "CPUBN_SLAB_MAX_RUN"
+    enum: SLAB_MAX_WIDTH "CPUBN_SLAB_MAX_WIDTH"
 
 
 cdef enum:
@@ -30,6 +34,19 @@ cdef enum:
     # below 4 MiB whatever N.  Waves cut the same ordered merge into pieces: the results do
     # not depend on them, nor on the thread count.
     SPLIT_WAVE_ITEMS = 1 << 18
+    # Dynamic scheduling hands work items out in chunks of at least this many elements:
+    # each hand-out is an atomic operation on a shared counter (tens of ns, more between
+    # cores), which one item per hand-out pays for every 7x7 run.  Chunking decides only
+    # which thread computes an item, never what it computes.
+    SCHEDULE_CHUNK_ELEMS = 16384
+    # Slabs (short channels-first runs): a slab of all N batch items up to this many
+    # elements (1 MiB of float32) is one work item whose statistics are complete, so it
+    # is normalized (or differentiated) right after, while it is still in L2: x is read
+    # once from memory.  Larger batches are cut into slabs of about SLAB_ELEMS elements,
+    # whose partials are merged per channel in batch order before a second pass.
+    SLAB_FUSED_ELEMS = 1 << 18
+    SLAB_ELEMS = 1 << 16
+    SLAB_PIECE_ELEMS = 4096
 
 
 cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
@@ -94,3 +111,85 @@ cdef inline Py_ssize_t split_wave(Py_ssize_t C, Py_ssize_t chunks) noexcept nogi
     # Batch items per wave of the split path (at least one).
     cdef Py_ssize_t per_item = C * chunks
     return SPLIT_WAVE_ITEMS // per_item if per_item < SPLIT_WAVE_ITEMS else 1
+
+
+cdef inline Py_ssize_t schedule_chunk(Py_ssize_t item_elems) noexcept nogil:
+    # Work items per hand-out of a dynamic schedule over items of item_elems elements.
+    if item_elems >= SCHEDULE_CHUNK_ELEMS:
+        return 1
+    return SCHEDULE_CHUNK_ELEMS // (item_elems if item_elems > 0 else 1)
+
+
+# ---------------------------------------------------------------- slabs (short runs)
+# A slab is slab_items(N, C, S) consecutive batch items x slab_width(C, S) consecutive
+# channels (the last ones in each direction may be smaller): the work items of the
+# short-run kernels.  The geometry depends on the shape only, so the partials, their merge
+# order and every result are the same whatever the thread count.
+
+cdef inline bint uses_slabs(Py_ssize_t S) noexcept nogil:
+    return S <= SLAB_MAX_RUN
+
+
+cdef inline Py_ssize_t slab_width(Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    # About SLAB_PIECE_ELEMS contiguous values per batch item.
+    cdef Py_ssize_t width = SLAB_PIECE_ELEMS // S
+    if width < 1:
+        width = 1
+    if width > SLAB_MAX_WIDTH:
+        width = SLAB_MAX_WIDTH
+    return C if width > C else width
+
+
+cdef inline Py_ssize_t slab_items(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    # Batch items per slab: all N when the slab stays small enough to be normalized from
+    # cache (slabs_complete), else about SLAB_ELEMS elements' worth.
+    cdef Py_ssize_t piece = slab_width(C, S) * S
+    cdef Py_ssize_t items
+    if N * piece <= SLAB_FUSED_ELEMS:
+        return N
+    items = SLAB_ELEMS // piece
+    return items if items > 1 else 1
+
+
+cdef inline bint slabs_complete(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    # Each slab holds whole channels: its statistics are final.
+    return slab_items(N, C, S) >= N
+
+
+cdef inline Py_ssize_t slab_channel_tiles(Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    return (C + slab_width(C, S) - 1) // slab_width(C, S)
+
+
+cdef inline Py_ssize_t slab_batch_tiles(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    return (N + slab_items(N, C, S) - 1) // slab_items(N, C, S)
+
+
+cdef inline Py_ssize_t slab_wave(Py_ssize_t C) noexcept nogil:
+    # Batch tiles per wave of partials (two doubles per tile and channel): the scratch
+    # stays below 2 * SPLIT_WAVE_ITEMS doubles whatever N.
+    return SPLIT_WAVE_ITEMS // C if C < SPLIT_WAVE_ITEMS else 1
+
+
+cdef inline Py_ssize_t slab_offset(Py_ssize_t item, Py_ssize_t N, Py_ssize_t C,
+                                   Py_ssize_t S) noexcept nogil:
+    # Slab `item` (batch tile item // channel tiles, channel tile item % channel tiles,
+    # i.e. memory order): the element offset of its first run.
+    cdef Py_ssize_t tiles = slab_channel_tiles(C, S)
+    return ((item // tiles) * slab_items(N, C, S) * C + (item % tiles) * slab_width(C, S)) * S
+
+
+cdef inline Py_ssize_t slab_first_channel(Py_ssize_t item, Py_ssize_t C,
+                                          Py_ssize_t S) noexcept nogil:
+    return (item % slab_channel_tiles(C, S)) * slab_width(C, S)
+
+
+cdef inline Py_ssize_t slab_channels(Py_ssize_t item, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    cdef Py_ssize_t rest = C - slab_first_channel(item, C, S)
+    return slab_width(C, S) if rest > slab_width(C, S) else rest
+
+
+cdef inline Py_ssize_t slab_batch_items(Py_ssize_t item, Py_ssize_t N, Py_ssize_t C,
+                                        Py_ssize_t S) noexcept nogil:
+    cdef Py_ssize_t per = slab_items(N, C, S)
+    cdef Py_ssize_t rest = N - (item // slab_channel_tiles(C, S)) * per
+    return per if rest > per else rest
