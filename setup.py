@@ -35,6 +35,7 @@ EXTENSION_SOURCES = {
     "cpubn._backward": "src/_backward.pyx",
     "cpubn._threads": "src/_threads.pyx",
     "cpubn._arrays": "src/_arrays.pyx",
+    "cpubn._pool": "src/_pool.pyx",
     "cpubn.bench._bench_copy": "src/_bench_copy.pyx",
 }
 

@@ -26,7 +26,8 @@ with the statistics of the batches of all processes.
 See BatchNorm (and LazyBatchNorm, SyncBatchNorm), batch_norm, batch_norm_forward,
 batch_norm_backward (all take activation= and residual=), the inference folding helpers
 fold_into_linear / fold_into_conv / fold_into_following_linear, and the thread controls
-set_num_threads / get_num_threads / threads.
+set_num_threads / get_num_threads / threads.  Large results live in recycled memory
+(release_pooled_memory() gives the unused part back to the system).
 
 Porting: BatchNorm.from_torch(module), load_state_dicts(layers, model.state_dict()) and
 BatchNorm.from_onnx(model, node_name) (cpubn imports neither torch nor onnx itself).
@@ -34,6 +35,7 @@ BatchNorm.from_onnx(model, node_name) (cpubn imports neither torch nor onnx itse
 from ._ghost import GhostBatchNorm
 from ._lazy import LazyBatchNorm
 from ._module import BatchNorm
+from ._pool import release_pooled_memory
 from ._precise import precise_statistics
 from ._renorm import BatchRenorm, renorm_schedule
 from ._sync import SyncBatchNorm
@@ -59,6 +61,7 @@ __all__ = [
     "get_num_threads",
     "threads",
     "openmp_enabled",
+    "release_pooled_memory",
     "fold_into_linear",
     "fold_into_conv",
     "fold_into_following_linear",

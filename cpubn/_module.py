@@ -14,14 +14,21 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dispatch
 from ._arrays import first_bounds_overlap, params_unchanged
+from ._layout import Layout, plan
 from ._validation import (check_activation, check_axis, check_batch_stats_possible, check_bool,
-                          check_data, check_eps, check_like, check_momentum,
+                          check_channel_array, check_data, check_eps, check_like, check_momentum,
                           check_num_features, check_out, check_param_dtype, check_residual,
                           check_state_array, is_half, overlaps_input)
 
 _FORMAT_VERSION = 1
 
 _Layer = TypeVar("_Layer", bound="BatchNorm")
+
+# The per-channel attributes the kernels read, in _kernel_params' order.
+_PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+# Input plans a layer keeps (_plan): a model feeds each layer one or a few shapes.
+_PLANS_PER_LAYER = 8
 
 # (array, name) pairs for check_out's overlap tests.
 _NamedArrays = tuple[tuple[object, str], ...]
@@ -137,6 +144,7 @@ class BatchNorm:
         self._saved = None
         self._checked_params = None
         self._checked_out = None
+        self._plans: dict[tuple[Any, ...], tuple[int, Layout]] = {}
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
@@ -155,7 +163,7 @@ class BatchNorm:
         ``residual``: an array of x's shape and dtype (any memory order; never modified,
         and out must not overlap it) added before the activation:
         y = act(bn(x) + residual)."""
-        x, axis = check_data(x, self.axis, self.num_features)
+        x, axis, layout = self._plan(x)
         relu = check_activation(self.activation) is not None
         if residual is not None:
             residual = check_residual(residual, x)
@@ -172,13 +180,34 @@ class BatchNorm:
         else:
             y, saved = _dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
                                          running_var, params_checked=True, residual=residual,
-                                         relu=relu)
+                                         relu=relu, layout=layout)
         if tracking:
             self._track_batch(saved, x.size // x.shape[axis])
         if in_place:
             saved.x_dense = None            # overwritten in place: nothing to differentiate
         self._saved = saved
         return y
+
+    def _plan(self, x: object) -> tuple[NDArray[Any], int, Layout]:
+        """x validated as this layer's input (check_data), its feature axis and its Layout.
+
+        For an ndarray the outcome is kept per (shape, strides, dtype, axis,
+        num_features), every fact check_data and the layout are derived from, so a
+        repeated call costs a dict lookup.  Other inputs (lists, subclasses, non-native
+        byte order) are validated on every call."""
+        key = None
+        if type(x) is np.ndarray:
+            key = (x.shape, x.strides, x.dtype, self.axis, self.num_features)
+            known = self._plans.get(key)
+            if known is not None:
+                return x, known[0], known[1]
+        array, axis = check_data(x, self.axis, self.num_features)
+        layout = plan(array, axis)
+        if key is not None and array is x:
+            if len(self._plans) >= _PLANS_PER_LAYER:
+                self._plans.clear()
+            self._plans[key] = (axis, layout)
+        return array, axis, layout
 
     def _check_forward_out(self, out: object, x: NDArray[Any],
                            residual: NDArray[Any] | None) -> tuple[NDArray[Any], bool]:
@@ -262,7 +291,9 @@ class BatchNorm:
         if (cached is not None and cached[0] is half
                 and params_unchanged(current, cached[3], cached[1], cached[2])):
             return current
-        checked = _dispatch.param_arrays(self.num_features, x_dtype, *current)
+        validated = [check_channel_array(a, self.num_features, name)
+                     for a, name in zip(current, _PARAM_NAMES)]
+        checked = _dispatch.kernel_params(x_dtype, *validated)
         if all(a is b for a, b in zip(checked, current)):
             dtype = next((a.dtype for a in checked if a is not None), None)
             self._checked_params = (half, self.num_features, dtype, current)
@@ -311,7 +342,8 @@ class BatchNorm:
         if self.affine:                     # checked before the kernel and any state change
             check_state_array(self.grad_weight, self.num_features, "grad_weight")
             check_state_array(self.grad_bias, self.num_features, "grad_bias")
-        dx, grads, dresidual = self._backward_kernel(dy, saved, self.weight, out)
+        weight = self._kernel_params(dy.dtype)[0]
+        dx, grads, dresidual = self._backward_kernel(dy, saved, weight, out)
         if self.affine:
             channels = self.num_features
             self.grad_weight += grads[:channels]

@@ -68,3 +68,4 @@ def params_unchanged(tuple current, tuple known, Py_ssize_t length, object dtype
                 or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
             return False
     return True
+

@@ -11,7 +11,8 @@ channel-block, split, long-run (several RUN_CHUNKs), wide-C and streaming paths;
 threads) and stores every output's raw bits (a SHA-256 of them for large arrays).  The half-precision cases run a second time
 in a subprocess with CPUBN_PORTABLE_HALF=1, so the tiled portable loops are covered too.
 compare exits non-zero on the first-listed differences (array_equal on the bits viewed
-as unsigned integers, so NaN payloads and signed zeros count).
+as unsigned integers, so NaN payloads and signed zeros count); `compare PATH --all` lists
+every difference (for a change that may alter some paths' bits on purpose, to check which).
 """
 import hashlib
 import os
@@ -204,7 +205,7 @@ def main():
             and np.array_equal(before[k], results[k]))]
     for k in missing[:20]:
         print("only in one snapshot:", k)
-    for k in differ[:40]:
+    for k in differ if "--all" in sys.argv[3:] else differ[:40]:
         print("DIFFERENT:", k)
     print(f"{len(results)} arrays compared: {len(differ)} differ, {len(missing)} missing")
     return 1 if differ or missing else 0

@@ -1,0 +1,118 @@
+"""Recycled memory for large results (cpubn._pool): an allocating call on a tensor of at
+least 16 MiB reuses the memory of a result nothing refers to any more, and never memory
+that something can still reach."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cpubn
+from cpubn import _dispatch, _pool
+import reference as ref
+from bn_testing import assert_close, make_x
+
+LARGE = (2, 8, 512, 256)          # 2M float32 values: 8 MiB...
+assert np.prod(LARGE) * 8 >= _dispatch.STREAM_MIN_BYTES   # ...16 MiB in float64
+
+
+def _large(rng):
+    return make_x(rng, LARGE, np.float64)
+
+
+def test_a_dropped_result_is_reused_and_correct(rng):
+    x = _large(rng)
+    bn = cpubn.BatchNorm(8, dtype=np.float64).eval()
+    y1 = bn(x)
+    assert isinstance(y1.base, _pool.Block) and type(y1) is np.ndarray
+    address = y1.ctypes.data
+    y1[...] = np.nan                # whatever the user left in it
+    del y1
+    y2 = bn(x)
+    assert y2.ctypes.data == address
+    expected = ref.normalize(x, np.zeros(8), ref.invstd_of(np.ones(8), 1e-5),
+                             np.ones(8), np.zeros(8))
+    assert_close(y2, expected, np.float64)
+
+
+def test_memory_still_reachable_is_never_reused(rng):
+    x = _large(rng)
+    bn = cpubn.BatchNorm(8, dtype=np.float64)
+    y1 = bn(x)
+    view = y1[1, 3]                 # a view keeps the block alive
+    kept = view.copy()
+    del y1
+    y2 = bn(x * 2.0)
+    assert not np.shares_memory(y2, view)
+    assert np.array_equal(view, kept)
+    held = memoryview(y2)           # so does an exported buffer
+    address = y2.ctypes.data
+    del y2
+    y3 = bn(x)
+    assert y3.ctypes.data != address
+    del held
+
+
+def test_backward_results_come_from_the_pool_too(rng):
+    x = _large(rng)
+    bn = cpubn.BatchNorm(8, dtype=np.float64)
+    y = bn(x)
+    dy = rng.standard_normal(LARGE)
+    dx = bn.backward(dy)
+    assert isinstance(dx.base, _pool.Block)
+    dx_ref, _, _ = ref.backward(dy, x, *_mean_invstd(x))
+    assert_close(dx, dx_ref, np.float64, "grad")
+    del y
+
+
+def _mean_invstd(x):
+    mean, var, _ = ref.batch_stats(x)
+    return mean, ref.invstd_of(var, 1e-5)
+
+
+def test_release_gives_unused_blocks_back(rng):
+    x = _large(rng)
+    bn = cpubn.BatchNorm(8, dtype=np.float64).eval()
+    y = bn(x)
+    nbytes = y.nbytes
+    del y
+    assert _pool.unused_pooled_bytes() >= nbytes
+    assert cpubn.release_pooled_memory() >= nbytes
+    assert _pool.unused_pooled_bytes() == 0
+
+
+def test_pooled_arrays_behave_like_numpy_arrays(rng):
+    import pickle
+    a, fresh = _pool.empty((3, 4), np.float32)
+    a[...] = np.arange(12).reshape(3, 4)
+    assert a.flags.c_contiguous and a.flags.writeable and a.dtype == np.float32
+    assert np.array_equal(pickle.loads(pickle.dumps(a)), a)
+    with pytest.raises(ValueError):
+        a.resize((13,))             # it does not own its memory: the pool does
+
+
+def test_pool_limit_zero_turns_recycling_off():
+    code = ("import numpy as np, cpubn\n"
+            "from cpubn import _pool\n"
+            "assert _pool.pool_limit_bytes() == 0\n"
+            "a, fresh = _pool.empty((1 << 22,), np.float64); del a\n"
+            "assert _pool.unused_pooled_bytes() == 0\n"
+            "b, fresh = _pool.empty((1 << 22,), np.float64)\n"
+            "assert fresh\n")
+    env = dict(os.environ, CPUBN_POOL_MIB="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_bad_pool_limit_is_an_error():
+    env = dict(os.environ, CPUBN_POOL_MIB="lots")
+    done = subprocess.run([sys.executable, "-c", "import cpubn"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "CPUBN_POOL_MIB" in done.stderr
+
+
+def test_the_pool_keeps_at_most_its_limit():
+    limit = _pool.pool_limit_bytes()
+    blocks = [_pool.empty((1 << 20,), np.float64)[0] for _ in range(3)]
+    del blocks
+    assert _pool.unused_pooled_bytes() <= limit
