@@ -2,7 +2,6 @@
 output buffer.  No validation of user input here (see _validation) and no state (see
 _module); the per-call work in Python is choosing views and allocating outputs.
 """
-import math
 from typing import Any
 
 import numpy as np
@@ -71,7 +70,7 @@ def _output(dtype: np.dtype[Any], layout: Layout,
         dense = layout.dense_or_none(out)
         if dense is not None:
             return dense, dense.nbytes >= STREAM_MIN_BYTES
-    if math.prod(layout.dense_shape) * dtype.itemsize >= STREAM_MIN_BYTES:
+    if layout.size * dtype.itemsize >= STREAM_MIN_BYTES:
         buffer, fresh = _pool.empty(layout.dense_shape, dtype)
         return buffer, not fresh
     return layout.new_dense(dtype), False

@@ -19,7 +19,7 @@ _cache: dict[tuple[tuple[int, ...], tuple[int, ...], int], "Layout"] = {}
 class Layout:
     """How arrays of one shape, memory order and feature axis map onto the kernels."""
 
-    __slots__ = ("shape", "perm", "inverse", "dense_shape", "kernel_dims")
+    __slots__ = ("shape", "perm", "inverse", "dense_shape", "kernel_dims", "size")
 
     def __init__(self, shape: tuple[int, ...], perm: tuple[int, ...] | None,
                  dense_shape: tuple[int, ...], kernel_dims: tuple[int, int, int]) -> None:
@@ -29,6 +29,7 @@ class Layout:
             None if perm is None else tuple(np.argsort(perm)))
         self.dense_shape = dense_shape    # shape after the permutation (C-contiguous)
         self.kernel_dims = kernel_dims    # (N, C, S); S == 1 means channels-last rows
+        self.size = math.prod(shape)      # elements
 
     def dense(self, a: NDArray[Any]) -> NDArray[Any]:
         """a (of the user's shape) permuted into this layout's memory order, C-contiguous;

@@ -21,10 +21,13 @@ try:
 except ImportError:
     HAVE_TORCH = False
 
+HAVE_ORT = peers.import_onnxruntime() is not None
+
 FAST = ["--repeats", "2", "--threads", "1", "--copy-mib", "1"]
 RESULT_FIELDS = {"shape", "layout", "array_shape", "axis", "op", "dtype", "threads", "size_bytes",
                  "bytes_moved", "check", "peers", "copy_gbps", "roofline_ms",
-                 "speedup_vs_numpy", "speedup_vs_torch"}
+                 "speedup_vs_numpy", "speedup_vs_torch", "speedup_vs_onnxruntime", "x_copy",
+                 "alloc_over_out"}
 TIMED_FIELDS = {"median_ms", "min_ms", "repeats", "gbps", "x_roofline", "samples_ms"}
 
 
@@ -49,11 +52,22 @@ def test_quick_run_reports_every_case(tmp_path, capsys):
         | {((16, 8), "nchw", op) for op in ("train", "eval", "backward")}  # 2-D: one layout
         | {((1, 8, 3, 3), layout, "eval") for layout in ("nchw", "nhwc")}  # batch 1: inference
     )
-    peers = {"copy", "cpubn_out", "cpubn", "numpy"} | ({"torch"} if HAVE_TORCH else set())
     for r in report["results"]:
+        expected = {"copy", "cpubn_out", "cpubn", "numpy"} | ({"torch"} if HAVE_TORCH else set())
+        if HAVE_TORCH and r["op"] == "backward" and len(r["shape"]) == 4:
+            expected.add("torch_other")         # PyTorch's other memory format
+        if HAVE_ORT and r["op"] == "eval" and r["layout"] == "nchw":
+            expected.add("onnxruntime")         # ONNX BatchNormalization takes NCHW only
         assert RESULT_FIELDS <= set(r)
         assert r["check"] == "ok"
-        assert set(r["peers"]) == peers
+        assert set(r["peers"]) == expected
+        copy, out = r["peers"]["copy"]["median_ms"], r["peers"]["cpubn_out"]["median_ms"]
+        assert r["x_copy"] == pytest.approx(out / copy)
+        assert r["alloc_over_out"] == pytest.approx(r["peers"]["cpubn"]["median_ms"] / out)
+        assert (r["speedup_vs_onnxruntime"] is not None) == ("onnxruntime" in expected)
+        if "torch_other" in expected:           # against the faster of the two layouts
+            fastest = min(r["peers"][p]["median_ms"] for p in ("torch", "torch_other"))
+            assert r["speedup_vs_torch"] == pytest.approx(fastest / r["peers"]["cpubn"]["median_ms"])
         for p in r["peers"].values():
             assert TIMED_FIELDS <= set(p) and p["repeats"] == 2 and p["median_ms"] > 0
         assert r["speedup_vs_numpy"] > 0
@@ -65,9 +79,21 @@ def test_quick_run_reports_every_case(tmp_path, capsys):
     assert tiny["shape"] == [1, 16] and not tiny["errors"]
     assert {"cpubn.BatchNorm", "numpy"} <= set(tiny["us"])
     assert HAVE_TORCH == ("torch.nn.BatchNorm1d" in tiny["us"])
+    assert [t["shape"] for t in report["tiny_calls"]] == [[1, 16], [1, 64, 56, 56],
+                                                          [1, 256, 14, 14]]
+    for t in report["tiny_calls"]:
+        assert not t["errors"] and HAVE_ORT == ("onnxruntime" in t["us"])
+    assert HAVE_TORCH == ("torch.nn.BatchNorm2d" in report["tiny_calls"][1]["us"])
 
     out, err = capsys.readouterr()
     assert "vs torch" in out and "4x8x5x5" in out and "Tiny call" in out
+    assert "xcopy" in out and "alloc/" in out and ("vs ort" in out)
+    # Every target is reported, met or missed.
+    targets = out[out.index("Targets ("):]
+    for line in ("train    out= / copy", "eval     out= / copy", "backward out= / copy",
+                 "bn(x) on (1, 16) float32 eval"):
+        assert line in targets
+    assert ("at least as fast as torch" in targets) == HAVE_TORCH
     assert "[1/" in err  # progress goes to stderr
 
 
@@ -196,3 +222,27 @@ def test_contention_bench_reports_median_p90_and_target(tmp_path, capsys):
             stats["cpubn default"]["p90_ms"] / stats["cpubn 1 thread"]["median_ms"])
     out = capsys.readouterr().out
     assert "one busy process" in out and "target" in out and "of 3 cases" in out
+
+
+def test_targets_are_judged_from_the_records():
+    from cpubn.bench.report import format_targets
+
+    def record(shape, op, x_copy, threads=2, out_ms=1.0, alloc=1.0, vs_torch=1.2):
+        size = int(np.prod(shape)) * 4
+        return {"shape": list(shape), "layout": "nchw", "op": op, "threads": threads,
+                "size_bytes": size, "x_copy": x_copy, "alloc_over_out": alloc,
+                "speedup_vs_torch": vs_torch, "busy": None,
+                "peers": {"cpubn_out": {"median_ms": out_ms}}}
+
+    big = (32, 256, 56, 56)
+    report = {"config": {"threads": [1, 2]}, "tiny": {"dtype": "float32", "us": {"cpubn.BatchNorm": 2.5}},
+              "results": [record(big, "train", 1.5), record((32, 2048, 7, 7), "train", 3.5),
+                          record(big, "eval", 1.0, alloc=1.3, vs_torch=0.9),
+                          record(big, "eval", 1.0, threads=1, out_ms=1.9)]}
+    text = format_targets(report)
+    assert "train    out= / copy: median 2.50 (target <= 1.8, MISSED), worst 3.50 32x2048x7x7" in text
+    assert "eval     out= / copy: median 1.00 (target <= 1.1, met), worst 1.00" in text
+    assert "allocating / out= from 16 MiB: worst 1.30" in text and "MISSED" in text
+    assert "1 -> 2 threads from 16 MiB (out=): worst 1.90" in text
+    assert "2 of 3 cases; slower: 32x256x56x56 nchw eval 0.90x (MISSED)" in text
+    assert "2.50 us (target <= 3.0 us, met)" in text

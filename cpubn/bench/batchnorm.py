@@ -25,9 +25,20 @@ preallocated input buffers, and reports medians:
   ``torch.set_num_threads(n)``. For layout ``nhwc`` the tensor is the NHWC array
   permuted to NCHW, i.e. ``torch.channels_last`` memory format for 4-D inputs.
 
-A tiny call, (1, 16) eval through the ``cpubn.BatchNorm`` object, is timed in
-microseconds against ``torch.nn.BatchNorm1d`` (under ``torch.no_grad()``),
-``F.batch_norm`` and NumPy.
+- ``torch_other`` (backward, 4-D/5-D): PyTorch's backward in its other memory format;
+  ``vs torch`` for backward compares against the faster of the two.
+- ``onnxruntime`` (eval, nchw; with the ``onnx`` extra): one BatchNormalization node in
+  an InferenceSession with the case's thread count.
+
+Tiny calls, eval through the ``cpubn.BatchNorm`` object at batch 1 ((1, 16), (1, 64, 56,
+56), (1, 256, 14, 14)), are timed in microseconds against ``torch.nn.BatchNorm1d/2d``
+(under ``torch.no_grad()``), ``F.batch_norm``, onnxruntime and NumPy: the per-call
+overhead edge inference pays once per layer per image.
+
+The report ends with the targets of issue 11 (training forward <= 1.8x the copy in
+median and <= 3.0x worst, eval <= 1.1x / 1.5x, backward <= 2.2x / 3.5x, all with
+``out=``; allocating <= 1.15x ``out=`` from 16 MiB; 1 -> 2 threads >= 1.7x from 16 MiB;
+every op at least as fast as PyTorch), each marked met or missed with its numbers.
 """
 
 from __future__ import annotations
@@ -43,10 +54,12 @@ from .harness import (LAYOUTS, OPS, SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK, b
                       bytes_moved, calibrate, copy_function, layout_axis, layout_shape,
                       layouts_for, machine_info, measure_copy_bandwidth, ops_for,
                       paired_ratios, shape_label, time_round_robin, warm_up)
-from .peers import PEERS, BenchBuffers, build_peers, check_results, numpy_batch_norm_forward
+from .peers import (PEERS, BenchBuffers, build_peers, check_results, import_onnxruntime,
+                    numpy_batch_norm_forward, onnxruntime_session)
 from .plot import bar, save_ratio_plot
 
 TINY_SHAPE = (1, 16)
+TINY_SHAPES = (TINY_SHAPE, (1, 64, 56, 56), (1, 256, 14, 14))
 
 
 # Per mode: (most round-robin repeats, seconds after which a case stops
@@ -56,9 +69,10 @@ MODES = {
     "default": (9, 0.8, 11),
     "full": (15, 2.0, 15),
 }
-def run_case(cpubn, torch, copy_parallel, buf, layout, op, n_threads, repeats, budget_s):
+def run_case(cpubn, torch, copy_parallel, buf, layout, op, n_threads, repeats, budget_s,
+             ort=None):
     """Benchmark one (shape, layout, op, threads) case; returns its JSON record (roofline filled in later)."""
-    fns, errors = build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads)
+    fns, errors = build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads, ort=ort)
     warm, numbers = {}, {}
     for name in list(fns):
         try:
@@ -127,12 +141,21 @@ def speedups(record):
     why the case's numbers are not results (see harness.busy_reason), or None."""
     peers = record["peers"]
     mine = peers.get("cpubn", {}).get("median_ms")
-    for other in ("numpy", "torch"):
-        theirs = peers.get(other, {}).get("median_ms")
+    for other in ("numpy", "torch", "onnxruntime"):
+        name = other
+        if other == "torch" and "median_ms" in peers.get("torch_other", {}) and (
+                "median_ms" not in peers.get("torch", {})
+                or peers["torch_other"]["median_ms"] < peers["torch"]["median_ms"]):
+            name = "torch_other"              # the faster of PyTorch's two layouts
+        theirs = peers.get(name, {}).get("median_ms")
         record[f"speedup_vs_{other}"] = theirs / mine if mine and theirs else None
         record[f"speedup_samples_vs_{other}"] = (
-            paired_ratios(peers[other]["samples_ms"], peers["cpubn"]["samples_ms"])
+            paired_ratios(peers[name]["samples_ms"], peers["cpubn"]["samples_ms"])
             if mine and theirs else [])
+    out_ms = peers.get("cpubn_out", {}).get("median_ms")
+    copy_ms = peers.get("copy", {}).get("median_ms")
+    record["x_copy"] = out_ms / copy_ms if out_ms and copy_ms else None
+    record["alloc_over_out"] = mine / out_ms if mine and out_ms else None
     record["busy"] = busy_reason({name: p["samples_ms"] for name, p in peers.items()
                                   if "samples_ms" in p and name in ("copy", "cpubn", "cpubn_out")},
                                  copy_name="copy")
@@ -163,12 +186,14 @@ def save_plot(report, path):
              f"torch {m['torch'] or 'not installed'} (channels_last for nhwc)")
 
 
-def run_tiny(cpubn, torch, dtype, repeats):
-    """(1, 16) eval, the per-call overhead: microseconds per call of each peer.
+def run_tiny(cpubn, torch, dtype, repeats, shape=TINY_SHAPE, ort=None):
+    """Eval of one batch-1 input through the layer objects, the per-call overhead:
+    microseconds per call of each peer.
 
-    torch runs under ``torch.no_grad()``, as inference code does (cpubn keeps no graph)."""
-    c = TINY_SHAPE[1]
-    x = np.random.default_rng(1).standard_normal(TINY_SHAPE).astype(dtype)
+    torch runs under ``torch.no_grad()``, as inference code does (cpubn keeps no graph);
+    onnxruntime runs one BatchNormalization node on one thread."""
+    c = shape[1]
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
     w, b = np.ones(c, dtype), np.zeros(c, dtype)
     rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
     fns, errors = {}, {}
@@ -179,14 +204,22 @@ def run_tiny(cpubn, torch, dtype, repeats):
         errors["cpubn.BatchNorm"] = repr(exc)
     fns["cpubn.batch_norm"] = lambda: cpubn.batch_norm(x, rm, rv, w, b, training=False)
     fns["numpy"] = lambda: numpy_batch_norm_forward(x, w, b, rm, rv, training=False)[0]
+    if ort is not None:
+        try:
+            session = onnxruntime_session(ort, shape, dtype, w, b, rm, rv, 1)
+            feed = {"x": x}
+            fns["onnxruntime"] = lambda: session.run(None, feed)[0]
+        except Exception as exc:
+            errors["onnxruntime"] = repr(exc)
     with contextlib.ExitStack() as stack:
         if torch is not None:
             stack.enter_context(torch.no_grad())
-            module = torch.nn.BatchNorm1d(c, dtype=getattr(torch, np.dtype(dtype).name)).eval()
+            module_class = torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d
+            module = module_class(c, dtype=getattr(torch, np.dtype(dtype).name)).eval()
             xt = torch.from_numpy(x)
             wt, bt, rmt, rvt = (torch.from_numpy(v) for v in (w, b, rm, rv))
             batch_norm = torch.nn.functional.batch_norm
-            fns["torch.nn.BatchNorm1d"] = lambda: module(xt)
+            fns[f"torch.nn.{module_class.__name__}"] = lambda: module(xt)
             fns["torch F.batch_norm"] = lambda: batch_norm(xt, rmt, rvt, wt, bt, training=False)
         numbers = {}
         for name in list(fns):
@@ -200,7 +233,7 @@ def run_tiny(cpubn, torch, dtype, repeats):
             numbers[name] = 2 * calibrate(seconds)
         samples = time_round_robin(fns, numbers, repeats)
     us = {name: 1e6 * statistics.median(s) for name, s in samples.items()}
-    return {"shape": list(TINY_SHAPE), "dtype": np.dtype(dtype).name, "us": us, "errors": errors}
+    return {"shape": list(shape), "dtype": np.dtype(dtype).name, "us": us, "errors": errors}
 
 
 class _Progress:
@@ -246,6 +279,7 @@ def run_benchmarks(args, cpubn, torch, progress_stream=None):
     dtype = np.dtype(args.dtype)
     probe_bytes = max(1, args.copy_mib) * 2**20
     copy_parallel = copy_function()
+    ort = None if getattr(args, "no_onnxruntime", False) else import_onnxruntime()
     report = {
         "machine": machine_info(cpubn, torch),
         "config": {"mode": mode, "dtype": dtype.name, "threads": threads, "layouts": list(layouts),
@@ -256,10 +290,12 @@ def run_benchmarks(args, cpubn, torch, progress_stream=None):
         "copy_probes_gbps": {},          # before and after the cases: a busy machine differs
         "results": [],
         "tiny": None,
+        "tiny_calls": [],
     }
+    report["machine"]["onnxruntime"] = ort[0].__version__ if ort is not None else None
     n_cases = sum(len(layouts_for(s, layouts)) * len(ops_for(s, args.ops)) for s in shapes)
-    progress = _Progress(2 * len(threads) + n_cases * len(threads) + (not args.no_tiny),
-                         progress_stream)
+    progress = _Progress(2 * len(threads) + n_cases * len(threads)
+                         + (0 if args.no_tiny else len(TINY_SHAPES)), progress_stream)
     probes = {}
     by_shape_threads = {}
     torch_threads = torch.get_num_threads() if torch is not None else None
@@ -279,7 +315,7 @@ def run_benchmarks(args, cpubn, torch, progress_stream=None):
                         for op in ops_for(shape, args.ops):
                             progress.step(f"{shape_label(shape)} {layout} {op}, {n} thread(s)")
                             r = run_case(cpubn, torch, copy_parallel, buf, layout, op, n,
-                                         max_repeats, budget_s)
+                                         max_repeats, budget_s, ort)
                             speedups(r)
                             for name, p in r["peers"].items():
                                 if "error" in p:
@@ -298,9 +334,12 @@ def run_benchmarks(args, cpubn, torch, progress_stream=None):
             if records:
                 finish_roofline(records, probes[n])
         if not args.no_tiny:
-            progress.step(f"tiny call {shape_label(TINY_SHAPE)}")
-            with cpubn.threads(max(threads)):
-                report["tiny"] = run_tiny(cpubn, torch, dtype, tiny_repeats)
+            for tiny_shape in TINY_SHAPES:
+                progress.step(f"tiny call {shape_label(tiny_shape)}")
+                with cpubn.threads(max(threads)):
+                    report["tiny_calls"].append(run_tiny(cpubn, torch, dtype, tiny_repeats,
+                                                         tiny_shape, ort))
+            report["tiny"] = report["tiny_calls"][0]
     finally:
         if torch is not None:
             torch.set_num_threads(torch_threads)

@@ -76,7 +76,10 @@ def build_parser():
     p.add_argument("--sync", action="store_true",
                    help="relaunch under mpiexec and time SyncBatchNorm training steps against "
                         "BatchNorm ('--sync --help' for its options)")
-    p.add_argument("--no-tiny", action="store_true", help="skip the (1, 16) per-call overhead test")
+    p.add_argument("--no-tiny", action="store_true",
+                   help="skip the batch-1 per-call overhead test")
+    p.add_argument("--no-onnxruntime", action="store_true",
+                   help="skip onnxruntime (eval peer) even if installed")
     p.add_argument("--json", metavar="FILE", help="write every measurement to FILE as JSON")
     add_plot_option(p, "cpubn's speedups over NumPy and torch")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -10,6 +10,12 @@ cpubn's result agrees with NumPy's.
 - ``torch``: ``torch.nn.functional.batch_norm`` and
   ``torch.ops.aten.native_batch_norm_backward`` (the kernel autograd calls); for layout
   ``nhwc`` the tensor is the NHWC array permuted to NCHW (``channels_last``).
+- ``torch_other`` (backward of 4-D and 5-D data only): the same backward on a copy in
+  PyTorch's other memory format, so that cpubn's backward is compared with the faster of
+  PyTorch's two layouts.
+- ``onnxruntime`` (eval, channels-first only: ONNX's BatchNormalization takes NCHW): an
+  InferenceSession of one BatchNormalization node with the case's thread count, what edge
+  deployments run.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from .harness import EPS, MOMENTUM, layout_axis, layout_shape, torch_view
 
-PEERS = ("copy", "cpubn_out", "cpubn", "numpy", "torch")
+PEERS = ("copy", "cpubn_out", "cpubn", "numpy", "torch", "torch_other", "onnxruntime")
 
 
 # --------------------------------------------------------------------------
@@ -166,11 +172,71 @@ def _torch_peer(torch, buf, layout, op):
     return lambda: batch_norm(xt, rm, rv, wt, bt, training=training, momentum=MOMENTUM, eps=EPS)
 
 
-def build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads, names=PEERS):
+def _torch_other_peer(torch, buf, layout):
+    """The backward on a copy of x and dy in the memory format the case's layout is not."""
+    x, dy, _ = buf.view(layout)
+    fmt = torch.contiguous_format if layout == "nhwc" else torch.channels_last
+    if x.ndim == 5:
+        fmt = torch.contiguous_format if layout == "nhwc" else torch.channels_last_3d
+    xt = torch_view(torch, x, layout).contiguous(memory_format=fmt)
+    dyt = torch_view(torch, dy, layout).contiguous(memory_format=fmt)
+    wt, bt = torch.from_numpy(buf.weight), torch.from_numpy(buf.bias)
+    rm, rv = (torch.from_numpy(v) for v in buf.running_stats())
+    _, save_mean, save_invstd = torch.native_batch_norm(xt, wt, bt, rm, rv, True, MOMENTUM, EPS)
+    backward = torch.ops.aten.native_batch_norm_backward
+    return lambda: backward(dyt, xt, wt, rm, rv, save_mean, save_invstd, True, EPS,
+                            [True, True, True])
+
+
+def import_onnxruntime():
+    """(onnxruntime, onnx) when both are installed (the ``onnx`` extra), else None."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime, onnx
+
+
+def onnxruntime_session(modules, shape, dtype, weight, bias, mean, var, n_threads):
+    """An onnxruntime InferenceSession running one BatchNormalization node (eval) on NCHW
+    input of ``shape``, and the name of its input."""
+    onnxruntime, onnx = modules
+    helper, tensor = onnx.helper, onnx.TensorProto
+    elem = {np.dtype(np.float32): tensor.FLOAT, np.dtype(np.float64): tensor.DOUBLE}[np.dtype(dtype)]
+    c = shape[1]
+    node = helper.make_node("BatchNormalization", ["x", "scale", "b", "mean", "var"], ["y"],
+                            epsilon=EPS)
+    initializers = [helper.make_tensor(name, elem, [c], np.asarray(v, dtype).tolist())
+                    for name, v in (("scale", weight), ("b", bias), ("mean", mean), ("var", var))]
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("x", elem, list(shape))],
+                              [helper.make_tensor_value_info("y", elem, list(shape))],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = n_threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return session
+
+
+def _onnxruntime_peer(modules, buf, layout, n_threads):
+    x, _, _ = buf.view(layout)
+    rm, rv = buf.running_stats()
+    session = onnxruntime_session(modules, x.shape, buf.dtype, buf.weight, buf.bias, rm, rv,
+                                  n_threads)
+    feed = {"x": x}
+    return lambda: session.run(None, feed)[0]
+
+
+def build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads, names=PEERS,
+                ort=None):
     """(name -> zero-argument callable running ``op``, name -> error met while preparing).
 
-    Only the peers in ``names`` are built; ``torch`` None leaves torch out. The
-    callables close over ``buf``'s arrays, so every peer reads the same memory.
+    Only the peers in ``names`` are built; ``torch`` None leaves torch out, and ``ort``
+    None (else import_onnxruntime()'s modules) onnxruntime. The callables close over
+    ``buf``'s arrays, so every peer reads the same memory.
     """
     fns, errors = {}, {}
     if "copy" in names:
@@ -188,6 +254,16 @@ def build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads, names=P
             fns["torch"] = _torch_peer(torch, buf, layout, op)
         except Exception as exc:
             errors["torch"] = repr(exc)
+    if torch is not None and "torch_other" in names and op == "backward" and len(buf.shape) in (4, 5):
+        try:
+            fns["torch_other"] = _torch_other_peer(torch, buf, layout)
+        except Exception as exc:
+            errors["torch_other"] = repr(exc)
+    if ort is not None and "onnxruntime" in names and op == "eval" and layout == "nchw":
+        try:
+            fns["onnxruntime"] = _onnxruntime_peer(ort, buf, layout, n_threads)
+        except Exception as exc:
+            errors["onnxruntime"] = repr(exc)
     fns = {name: fn for name, fn in fns.items() if name in names}
     errors = {name: e for name, e in errors.items() if name in names}
     return fns, errors

@@ -89,8 +89,9 @@ def _peer_cell(record, name, key="median_ms", fmt=_fmt_ms):
 
 COLUMNS = (  # header, width, alignment
     ("shape", 13, "<"), ("layout", 6, "<"), ("op", 8, "<"), ("roof", 6, ">"), ("copy", 6, ">"),
-    ("out=", 6, ">"), ("GB/s", 5, ">"), ("xroof", 5, ">"), ("cpubn", 6, ">"), ("xroof", 5, ">"),
-    ("numpy", 6, ">"), ("torch", 6, ">"), ("vs numpy", 8, ">"), ("vs torch", 8, ">"),
+    ("out=", 6, ">"), ("GB/s", 5, ">"), ("xroof", 5, ">"), ("xcopy", 5, ">"), ("cpubn", 6, ">"),
+    ("alloc/", 6, ">"), ("numpy", 6, ">"), ("torch", 6, ">"), ("ort", 6, ">"),
+    ("vs numpy", 8, ">"), ("vs torch", 8, ">"), ("vs ort", 6, ">"),
 )
 
 
@@ -98,22 +99,37 @@ def _row(cells):
     return " ".join(f"{c:{align}{width}}" for c, (_, width, align) in zip(cells, COLUMNS)).rstrip()
 
 
+def _torch_cell(record):
+    """torch's time; for backward the faster of its two memory formats (marked * when
+    that is the other one)."""
+    own = record["peers"].get("torch", {}).get("median_ms")
+    other = record["peers"].get("torch_other", {}).get("median_ms")
+    if other is not None and (own is None or other < own):
+        return _fmt_ms(other) + "*"
+    return _peer_cell(record, "torch")
+
+
 def format_table(records):
     lines = [_row([c[0] for c in COLUMNS])]
     for r in records:
+        busy = bool(r.get("busy"))
         lines.append(_row([
             shape_label(r["shape"]), r["layout"], r["op"], _fmt_ms(r.get("roofline_ms")),
             _peer_cell(r, "copy"),
             _peer_cell(r, "cpubn_out"),
             _peer_cell(r, "cpubn_out", "gbps", lambda v: "-" if v is None else f"{v:.1f}"),
             _peer_cell(r, "cpubn_out", "x_roofline", _fmt_ratio),
+            "busy" if busy else _fmt_ratio(r.get("x_copy")),
             _peer_cell(r, "cpubn"),
-            _peer_cell(r, "cpubn", "x_roofline", _fmt_ratio),
+            "busy" if busy else _fmt_ratio(r.get("alloc_over_out")),
             _peer_cell(r, "numpy"),
-            _peer_cell(r, "torch"),
-            "busy" if r.get("busy") else _fmt_ratio(r.get("speedup_vs_numpy"), 1),
-            "busy" if r.get("busy") and r.get("speedup_vs_torch") else
+            _torch_cell(r),
+            _peer_cell(r, "onnxruntime"),
+            "busy" if busy else _fmt_ratio(r.get("speedup_vs_numpy"), 1),
+            "busy" if busy and r.get("speedup_vs_torch") else
             _fmt_ratio(r.get("speedup_vs_torch"), 2),
+            "busy" if busy and r.get("speedup_vs_onnxruntime") else
+            _fmt_ratio(r.get("speedup_vs_onnxruntime"), 2),
         ]))
         if r["check"] != "ok":
             lines.append(f"  ! {r['check']}")
@@ -142,7 +158,7 @@ def format_summary(records):
                              f"{len(rs)} cases")
                 continue
             parts = []
-            for peer, digits in (("torch", 2), ("numpy", 1)):
+            for peer, digits in (("torch", 2), ("onnxruntime", 2), ("numpy", 1)):
                 v = _median_of(r.get(f"speedup_vs_{peer}") for r in quiet)
                 if v is not None:
                     parts.append(f"{_fmt_ratio(v, digits)}x vs {peer}")
@@ -215,16 +231,89 @@ def format_report(report):
                 "Summary:", format_summary(rs)]
     if len(cfg["threads"]) > 1:
         out += ["", format_scaling(report["results"], cfg["threads"])]
-    tiny = report.get("tiny")
-    if tiny:
+    tiny_calls = report.get("tiny_calls") or ([report["tiny"]] if report.get("tiny") else [])
+    for tiny in tiny_calls:
         cells = ", ".join(f"{k} {v:.2f} us" for k, v in tiny["us"].items())
         out += ["", f"Tiny call {shape_label(tiny['shape'])} eval, per call: {cells}"]
         for k, v in tiny["errors"].items():
             out.append(f"  ! {k}: {v}")
+    out += ["", format_targets(report)]
     if warning:
         out += ["", warning]
     out += ["", LEGEND]
     return "\n".join(out)
+
+
+# Issue 11's targets, with out= against the same-run copy: (median, worst) per op.
+COPY_TARGETS = {"train": (1.8, 3.0), "eval": (1.1, 1.5), "backward": (2.2, 3.5)}
+ALLOC_TARGET = 1.15             # allocating / out=, from LARGE_BYTES
+SCALING_TARGET = 1.7            # 1 -> 2 threads, from LARGE_BYTES
+LARGE_BYTES = 16 * 2**20
+TINY_TARGET_US = 3.0            # bn(x) on (1, 16) float32 eval
+
+
+def _verdict(ok):
+    return "met" if ok else "MISSED"
+
+
+def format_targets(report):
+    """Each target of issue 11 met or missed, over the quiet cases of the largest thread
+    count run (the scaling target over 1 and 2 threads, when both ran)."""
+    results = [r for r in report["results"] if not r.get("busy")]
+    threads = report["config"]["threads"]
+    top = max(threads)
+    at_top = [r for r in results if r["threads"] == top]
+    lines = [f"Targets ({top} thread{'s' if top > 1 else ''}, quiet cases, ratios of medians "
+             f"within the run):"]
+    for op, (median_target, worst_target) in COPY_TARGETS.items():
+        values = [(r["x_copy"], r) for r in at_top if r["op"] == op and r.get("x_copy")]
+        if not values:
+            continue
+        med = statistics.median(v for v, _ in values)
+        worst, worst_r = max(values, key=lambda item: item[0])
+        lines.append(f"  {op:<8} out= / copy: median {med:.2f} (target <= {median_target}, "
+                     f"{_verdict(med <= median_target)}), worst {worst:.2f} "
+                     f"{shape_label(worst_r['shape'])} {worst_r['layout']} (target <= "
+                     f"{worst_target}, {_verdict(worst <= worst_target)})")
+    large = [r for r in at_top if r["size_bytes"] >= LARGE_BYTES and r.get("alloc_over_out")]
+    if large:
+        worst_r = max(large, key=lambda r: r["alloc_over_out"])
+        lines.append(f"  allocating / out= from 16 MiB: worst {worst_r['alloc_over_out']:.2f} "
+                     f"{shape_label(worst_r['shape'])} {worst_r['layout']} {worst_r['op']} "
+                     f"(target <= {ALLOC_TARGET}, "
+                     f"{_verdict(worst_r['alloc_over_out'] <= ALLOC_TARGET)})")
+    slower = [r for r in at_top if r.get("speedup_vs_torch") and r["speedup_vs_torch"] < 1]
+    with_torch = [r for r in at_top if r.get("speedup_vs_torch")]
+    if with_torch:
+        names = ", ".join(f"{shape_label(r['shape'])} {r['layout']} {r['op']} "
+                          f"{r['speedup_vs_torch']:.2f}x" for r in slower)
+        lines.append(f"  at least as fast as torch (allocating; backward against its faster "
+                     f"layout): {len(with_torch) - len(slower)} of {len(with_torch)} cases"
+                     + (f"; slower: {names}" if slower else "")
+                     + f" ({_verdict(not slower)})")
+    if 1 in threads and 2 in threads:
+        by_key = {}
+        for r in results:
+            if r["size_bytes"] >= LARGE_BYTES and r["threads"] in (1, 2):
+                by_key.setdefault((tuple(r["shape"]), r["layout"], r["op"]), {})[r["threads"]] = r
+        ratios = []
+        for key, per in by_key.items():
+            a = per.get(1, {}).get("peers", {}).get("cpubn_out", {}).get("median_ms")
+            b = per.get(2, {}).get("peers", {}).get("cpubn_out", {}).get("median_ms")
+            if a and b:
+                ratios.append((a / b, key))
+        if ratios:
+            worst, key = min(ratios)
+            lines.append(f"  1 -> 2 threads from 16 MiB (out=): worst {worst:.2f} "
+                         f"{shape_label(key[0])} {key[1]} {key[2]}, median "
+                         f"{statistics.median(v for v, _ in ratios):.2f} (target >= "
+                         f"{SCALING_TARGET}, {_verdict(worst >= SCALING_TARGET)})")
+    tiny = report.get("tiny")
+    if tiny and "cpubn.BatchNorm" in tiny["us"] and tiny["dtype"] == "float32":
+        us = tiny["us"]["cpubn.BatchNorm"]
+        lines.append(f"  bn(x) on (1, 16) float32 eval: {us:.2f} us (target <= {TINY_TARGET_US} "
+                     f"us, {_verdict(us <= TINY_TARGET_US)})")
+    return "\n".join(lines)
 
 
 LEGEND = """\
@@ -232,7 +321,9 @@ Times in ms, medians. roof: minimum traffic (forward 2x size, backward 3x size)
 at the large-buffer copy bandwidth above. copy: parallel copy of the same input
 into the same output buffer (cache effects included). out=: cpubn writing into a
 preallocated buffer; cpubn: cpubn allocating its output, as NumPy and torch do.
-GB/s and xroof: minimum traffic / time, time / roof. vs: peer time / cpubn time;
+GB/s and xroof: minimum traffic / time, time / roof. xcopy: out= / copy. alloc/out:
+cpubn / out=. ort: onnxruntime (eval, nchw). vs: peer time / cpubn time (allocating);
+torch*: backward's faster layout was PyTorch's other memory format;
 busy: the machine was busy during the case (the copy's median 1.5x its best repeat, or
 a peer's repeats spread 3x): no ratio is given, and the summary leaves it out.
 NumPy runs on one thread; torch for nhwc is channels_last. ERR: the peer raised;
