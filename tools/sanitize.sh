@@ -5,7 +5,8 @@
 #
 #   bash tools/sanitize.sh [pytest args...]      (default: the whole tests/ folder)
 #
-# Needs gcc (or clang) with libasan/libubsan.  Installs the same extras as CI (.[test,mpi]).
+# Needs gcc (or clang) with libasan/libubsan.  Installs CI's extras but onnx (.[test,mpi]):
+# onnxruntime is a prebuilt C++ runtime, not what this job checks, and its tests skip.
 # The venv goes to $CPUBN_SANITIZE_VENV
 # (default: a .venv-sanitize folder in the checkout).
 set -euo pipefail
