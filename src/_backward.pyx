@@ -72,6 +72,18 @@ cdef inline void store_grads(double sum_dy, double sum_dy_xmu, double invstd, Py
     grads[C + c] = sum_dy
 
 
+cdef inline void finish_channel(double sum_dy, double sum_dy_xmu, const double* stats,
+                                const param_t* weight, double count, bint training,
+                                Py_ssize_t c, Py_ssize_t C, double* grads,
+                                floating* constants) noexcept nogil:
+    # Channel c's summed gradients: its grads, and its input-gradient constants (k[C],
+    # a[C], mean_hi[C], b[C] back to back in constants).
+    store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
+    input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
+                         count, training, &constants[c], &constants[C + c],
+                         &constants[2 * C + c], &constants[3 * C + c])
+
+
 cdef inline void chunk_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
                                  data_t* g, Py_ssize_t offset, Py_ssize_t n, double mean,
                                  double* sum_dy, double* sum_dy_xmu,
@@ -139,10 +151,8 @@ cdef void backward_channel_block(const data_t* dy, const data_t* y, const data_t
                 sum_dy_xmu[j] += part_dy_xmu
     for j in range(width):
         c = c0 + j
-        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c], c, C, grads)
-        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c], stats[C + c],
-                             gamma_of(weight, c), <double>(N * S), training, &constants[c],
-                             &constants[C + c], &constants[2 * C + c], &constants[3 * C + c])
+        finish_channel(sum_dy[j], sum_dy_xmu[j], stats, weight, <double>(N * S), training,
+                       c, C, grads, constants)
     for n in range(N):
         for c in range(c0, c1):
             offset = (n * C + c) * S
@@ -210,10 +220,8 @@ cdef int backward_nchw(const data_t* dy, const data_t* y, const data_t* x, data_
     for c in range(C):
         sum_dy = sums[c]
         sum_dy_xmu = sums[C + c]
-        store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
-        input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
-                             <double>(N * S), training, &constants[c], &constants[C + c],
-                             &constants[2 * C + c], &constants[3 * C + c])
+        finish_channel(sum_dy, sum_dy_xmu, stats, weight, <double>(N * S), training, c, C,
+                       grads, constants)
     for u in prange(N * C, schedule='dynamic', chunksize=schedule_chunk(S),
                     num_threads=n_threads, use_threads_if=n_threads > 1):
         c = u % C
@@ -249,10 +257,8 @@ cdef void backward_slab(const data_t* dy, const data_t* y, const data_t* x, data
                    S, width, stats + c0, sum_dy, sum_dy_xmu, work)
     for j in range(width):
         c = c0 + j
-        store_grads(sum_dy[j], sum_dy_xmu[j], stats[C + c], c, C, grads)
-        input_grad_constants(sum_dy[j], sum_dy_xmu[j], stats[c], stats[C + c],
-                             gamma_of(weight, c), <double>(N * S), training, &constants[c],
-                             &constants[C + c], &constants[2 * C + c], &constants[3 * C + c])
+        finish_channel(sum_dy[j], sum_dy_xmu[j], stats, weight, <double>(N * S), training,
+                       c, C, grads, constants)
     slab_input_grad(grad + offset, x + offset, dx + offset, N, C, S, width, &constants[c0],
                     &constants[C + c0], &constants[2 * C + c0], &constants[3 * C + c0],
                     training, work)
@@ -303,10 +309,8 @@ cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x,
                 sums[C + c] += partials[(wave + b) * C + c]
         b0 += nb
     for c in range(C):
-        store_grads(sums[c], sums[C + c], stats[C + c], c, C, grads)
-        input_grad_constants(sums[c], sums[C + c], stats[c], stats[C + c], gamma_of(weight, c),
-                             <double>(N * S), training, &constants[c], &constants[C + c],
-                             &constants[2 * C + c], &constants[3 * C + c])
+        finish_channel(sums[c], sums[C + c], stats, weight, <double>(N * S), training, c, C,
+                       grads, constants)
     free(partials)
     for u in prange(batch_tiles * tiles, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
@@ -346,10 +350,8 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
                     num_threads=n_threads, use_threads_if=n_threads > 1 and blocks * C > 65536):
         sum_dy = ordered_sum(partials + c, blocks, C)
         sum_dy_xmu = ordered_sum(partials + blocks * C + c, blocks, C)
-        store_grads(sum_dy, sum_dy_xmu, stats[C + c], c, C, grads)
-        input_grad_constants(sum_dy, sum_dy_xmu, stats[c], stats[C + c], gamma_of(weight, c),
-                             <double>R, training, &constants[c], &constants[C + c],
-                             &constants[2 * C + c], &constants[3 * C + c])
+        finish_channel(sum_dy, sum_dy_xmu, stats, weight, <double>R, training, c, C,
+                       grads, constants)
     for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         if training:

@@ -128,15 +128,19 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
                     const param_t* bias, double eps, double* stats, floating* constants,
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, bint relu,
                     bint stream, float* work) noexcept nogil:
-    # Enough channel blocks for every thread: one pass per block (train_channel_block).
-    # Otherwise (few channels) the statistics come from the split path (stats_nchw), and
-    # y is written in a second pass.
+    # Long runs with enough channel blocks for every thread: one pass per block
+    # (train_channel_block).  Otherwise the statistics first, from the slab kernels
+    # (short runs: slab_stats_nchw) or the split path (few channels: stats_nchw), then y in
+    # a second pass in memory order: x is read twice.  (For short runs, normalizing each
+    # slab of whole channels right after its statistics, while it is in L2, reads x once
+    # but writes y a few KiB per batch item at a time: measured 1.3-1.7x slower at 2
+    # threads on (32, 2048, 7, 7), which fits in the last-level cache anyway.)
     cdef Py_ssize_t per_block = channels_per_block(S)
     cdef Py_ssize_t blocks = (C + per_block - 1) // per_block
     cdef Py_ssize_t b, c
     cdef int status
 
-    if blocks >= 2 * n_threads:
+    if not uses_slabs(S) and blocks >= 2 * n_threads:
         for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             train_channel_block(x, r, y, weight, bias, eps, stats, constants, N, C, S,
@@ -144,29 +148,10 @@ cdef int train_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* 
                                 thread_work(work, n_threads))
         return 0
 
-    status = stats_nchw(x, eps, stats, N, C, S, n_threads, work)
-    if status != 0:
-        return status
-    for c in range(C):
-        normalize_constants(stats[c], stats[C + c], gamma_of(weight, c), beta_of(bias, c),
-                            &constants[c], &constants[C + c], &constants[2 * C + c])
-    normalize_runs_nchw(x, r, y, N, C, S, constants, n_threads, relu, stream, work)
-    return 0
-
-
-# ---------------------------------------------------------------- channels-first short runs
-
-cdef int train_slabs_nchw(const data_t* x, const data_t* r, data_t* y, const param_t* weight,
-                          const param_t* bias, double eps, double* stats,
-                          floating* constants, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                          int n_threads, bint relu, bint stream, float* work) noexcept nogil:
-    # Short runs: the slab statistics (slab_stats_nchw), then the normalization in memory
-    # order.  DRAM: x read twice, y written once.  Normalizing each slab of whole channels
-    # right after its statistics, while it is in L2, reads x once but writes y a piece of
-    # a few KiB per batch item at a time: measured 1.3-1.7x slower at 2 threads on
-    # (32, 2048, 7, 7), where the whole tensor fits in the last-level cache anyway.
-    cdef Py_ssize_t c
-    cdef int status = slab_stats_nchw(x, eps, stats, N, C, S, n_threads, work)
+    if uses_slabs(S):
+        status = slab_stats_nchw(x, eps, stats, N, C, S, n_threads, work)
+    else:
+        status = stats_nchw(x, eps, stats, N, C, S, n_threads, work)
     if status != 0:
         return status
     for c in range(C):
@@ -235,9 +220,6 @@ cdef inline int train_any(const data_t* x, const data_t* r, data_t* y,
     if S == 1:
         return train_nhwc(x, r, y, weight, bias, eps, stats, constants, N, C, n_threads,
                           relu, stream, work)
-    if uses_slabs(S):
-        return train_slabs_nchw(x, r, y, weight, bias, eps, stats, constants, N, C, S,
-                                n_threads, relu, stream, work)
     return train_nchw(x, r, y, weight, bias, eps, stats, constants, N, C, S, n_threads, relu,
                       stream, work)
 
@@ -394,6 +376,18 @@ def half_conversions():
 # are those forward_train computes, bit for bit, whatever the thread count (train_nchw's
 # split path is stats_nchw).
 
+cdef inline double* new_merge_scratch(Py_ssize_t wave_doubles, Py_ssize_t C) noexcept nogil:
+    # Scratch of the statistics kernels that work in waves: wave_doubles for a wave's
+    # partials, then the running count[C], mean[C] and m2[C] the waves are merged into
+    # (zeroed).  NULL if out of memory; the caller frees it.
+    cdef double* scratch = <double*>malloc((wave_doubles + 3 * C) * sizeof(double))
+    cdef Py_ssize_t k
+    if scratch != NULL:
+        for k in range(wave_doubles, wave_doubles + 3 * C):
+            scratch[k] = 0.0
+    return scratch
+
+
 cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py_ssize_t C,
                     Py_ssize_t S, int n_threads, float* work) noexcept nogil:
     # The split path (few channels): one partial per run chunk, computed in memory order in
@@ -404,7 +398,7 @@ cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py
     cdef Py_ssize_t chunks = chunks_per_run(S)
     cdef Py_ssize_t wave = min(N, split_wave(C, chunks))    # batch items per wave
     cdef Py_ssize_t n0, nw, units, c, u, slot
-    cdef double* partials = <double*>malloc((2 * C * wave * chunks + 3 * C) * sizeof(double))
+    cdef double* partials = new_merge_scratch(2 * C * wave * chunks, C)
     cdef double* count
     cdef double* mean
     cdef double* m2
@@ -413,10 +407,6 @@ cdef int stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t N, Py
     count = partials + 2 * C * wave * chunks
     mean = count + C
     m2 = mean + C
-    for c in range(C):
-        count[c] = 0.0
-        mean[c] = 0.0
-        m2[c] = 0.0
     n0 = 0
     while n0 < N:
         nw = min(wave, N - n0)
@@ -464,16 +454,12 @@ cdef int slab_stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t 
         for c in range(C):
             store_channel(stats[c], stats[2 * C + c], <double>(N * S), eps, c, C, stats)
         return 0
-    partials = <double*>malloc((2 * C * wave + 3 * C) * sizeof(double))
+    partials = new_merge_scratch(2 * C * wave, C)
     if partials == NULL:
         return OUT_OF_MEMORY
     count = partials + 2 * C * wave
     mean = count + C
     m2 = mean + C
-    for c in range(C):
-        count[c] = 0.0
-        mean[c] = 0.0
-        m2[c] = 0.0
     b0 = 0
     while b0 < batch_tiles:
         nb = min(wave, batch_tiles - b0)

@@ -10,9 +10,9 @@ included) goes, the block's memory is kept here instead of being given back to t
 system, and the next result of the same byte size reuses it, already mapped.  The memory
 is reused only once nothing can reach it any more, so no result ever aliases another.
 
-The pool keeps at most `limit` bytes of unused blocks (CPUBN_POOL_MIB; by default 1 GiB, or an eighth
-of the machine's memory if that is less; 0 turns recycling off), the least recently returned given back first, and
-release_pooled_memory() gives all of them back.  Everything here runs with the GIL held
+The pool keeps at most `limit` bytes of unused blocks (CPUBN_POOL_MIB; by default 1 GiB,
+or an eighth of the machine's memory if that is less; 0 turns recycling off), the least
+recently returned given back first, and release_pooled_memory() gives all of them back.  Everything here runs with the GIL held
 (a block is returned from its __dealloc__), which serializes the pool.
 """
 import os
