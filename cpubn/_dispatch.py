@@ -190,15 +190,40 @@ def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
 def update_running_stats(running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
                          saved: Saved, count: int, factor: float) -> None:
     """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
-    variance for running_var (PyTorch's convention).  Computed in float64, rounded once."""
+    variance for running_var (PyTorch's convention).  Computed in float64, rounded once.
+
+    The kernel does it when the arrays are what the kernels read (contiguous, one dtype
+    of float32 or float64); other float arrays (float16, strided views) take the same
+    arithmetic in NumPy."""
+    mean, batch_var = saved.mean, saved.batch_var
+    if (type(mean) is np.ndarray and type(batch_var) is np.ndarray and count >= 2
+            and _kernel_ready(running_mean, running_var) and _kernel_ready(mean, batch_var)
+            and mean.dtype == _FLOAT64):
+        _forward.update_running_stats(running_mean, running_var, mean, batch_var, mean.size,
+                                      count, factor)
+        return
     with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf
         if running_mean is not None:
             running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
-                                 + factor * saved.mean)
+                                 + factor * mean)
         if running_var is not None:
-            unbiased_var = saved.batch_var * (count / (count - 1))
+            unbiased_var = batch_var * (count / (count - 1))
             running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
                                 + factor * unbiased_var)
+
+
+def _kernel_ready(*arrays: NDArray[Any] | None) -> bool:
+    """Whether the given arrays (None is skipped) are contiguous and share one dtype,
+    float32 or float64."""
+    dtype = None
+    for a in arrays:
+        if a is None:
+            continue
+        if dtype is None:
+            dtype = a.dtype
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            return False
+    return dtype is None or dtype == _FLOAT32 or dtype == _FLOAT64
 
 
 def batch_statistics(x: NDArray[Any], axis: int, eps: float) -> Saved:

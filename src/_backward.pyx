@@ -279,10 +279,14 @@ cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x,
     cdef double* sums
     cdef const data_t* grad = dy if g == NULL else g
     if slabs_complete(N, C, S):
-        for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
-                        use_threads_if=n_threads > 1):
-            backward_slab(dy, y, x, g, dx, stats, weight, training, grads, constants, N, C, S,
-                          t, thread_work(work, n_threads))
+        if n_threads == 1:                      # no OpenMP region: partition.pxd, serial calls
+            for t in range(tiles):
+                backward_slab(dy, y, x, g, dx, stats, weight, training, grads, constants, N,
+                              C, S, t, work)
+        else:
+            for t in prange(tiles, schedule='dynamic', num_threads=n_threads):
+                backward_slab(dy, y, x, g, dx, stats, weight, training, grads, constants, N,
+                              C, S, t, thread_work(work, n_threads))
         return 0
     partials = <double*>malloc((2 * C * wave + 2 * C) * sizeof(double))
     if partials == NULL:
@@ -325,6 +329,32 @@ cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x,
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
+cdef inline void finish_nhwc_channel(const double* partials, Py_ssize_t blocks,
+                                     const double* stats, const param_t* weight,
+                                     Py_ssize_t R, bint training, Py_ssize_t c, Py_ssize_t C,
+                                     double* grads, floating* constants) noexcept nogil:
+    # Channel c's block sums added in block order (sum(dy) at partials[b * C + c], sum(dy *
+    # (x - mean)) at partials[(blocks + b) * C + c]), then its grads and constants.
+    finish_channel(ordered_sum(partials + c, blocks, C),
+                   ordered_sum(partials + blocks * C + c, blocks, C), stats, weight,
+                   <double>R, training, c, C, grads, constants)
+
+
+cdef inline void input_grad_block_nhwc(const data_t* grad, const data_t* x, data_t* dx,
+                                       const floating* constants, Py_ssize_t R, Py_ssize_t C,
+                                       Py_ssize_t rows, Py_ssize_t b, bint training,
+                                       bint stream, float* work) noexcept nogil:
+    # dx for row block b; constants: k[C], a[C], mean_hi[C], b[C] back to back.
+    if training:
+        rows_input_grad(grad + b * rows * C, x + b * rows * C, dx + b * rows * C,
+                        block_rows(R, rows, b), C, constants, constants + C,
+                        constants + 2 * C, constants + 3 * C, stream, work)
+    else:
+        # dx = (dy - 0) * k + 0: mean_hi and b are zero in eval mode; x is not read.
+        rows_normalize(grad + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
+                       constants + 2 * C, constants, constants + 3 * C, stream, work)
+
+
 cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_t* g,
                        data_t* dx, const double* stats, const param_t* weight,
                        bint training, double* grads, floating* constants, Py_ssize_t R,
@@ -335,35 +365,37 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
     cdef Py_ssize_t b, c
-    cdef double sum_dy, sum_dy_xmu
     cdef double* partials = <double*>malloc(2 * blocks * C * sizeof(double))
     cdef const data_t* grad = dy if g == NULL else g
     if partials == NULL:
         return OUT_OF_MEMORY
     # Block b's sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at partials[(blocks + b) * C:].
-    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
-                        partials + b * C, partials + (blocks + b) * C,
-                        thread_work(work, n_threads))
-    for c in prange(C, schedule='dynamic', chunksize=schedule_chunk(2 * blocks),
-                    num_threads=n_threads, use_threads_if=n_threads > 1 and blocks * C > 65536):
-        sum_dy = ordered_sum(partials + c, blocks, C)
-        sum_dy_xmu = ordered_sum(partials + blocks * C + c, blocks, C)
-        finish_channel(sum_dy, sum_dy_xmu, stats, weight, <double>R, training, c, C,
-                       grads, constants)
-    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        if training:
-            rows_input_grad(grad + b * rows * C, x + b * rows * C, dx + b * rows * C,
-                            block_rows(R, rows, b), C, constants, constants + C,
-                            constants + 2 * C, constants + 3 * C, stream,
+    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
+        for b in range(blocks):
+            block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
+                            partials + b * C, partials + (blocks + b) * C, work)
+    else:
+        for b in prange(blocks, schedule='dynamic', num_threads=n_threads):
+            block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
+                            partials + b * C, partials + (blocks + b) * C,
                             thread_work(work, n_threads))
-        else:
-            # dx = (dy - 0) * k + 0: mean_hi and b are zero in eval mode; x is not read.
-            rows_normalize(grad + b * rows * C, dx + b * rows * C, block_rows(R, rows, b), C,
-                           constants + 2 * C, constants, constants + 3 * C, stream,
-                           thread_work(work, n_threads))
+    if n_threads == 1 or blocks * C <= 65536:   # a small combine: serial, no OpenMP region
+        for c in range(C):
+            finish_nhwc_channel(partials, blocks, stats, weight, R, training, c, C, grads,
+                                constants)
+    else:
+        for c in prange(C, schedule='dynamic', chunksize=schedule_chunk(2 * blocks),
+                        num_threads=n_threads):
+            finish_nhwc_channel(partials, blocks, stats, weight, R, training, c, C, grads,
+                                constants)
+    if n_threads == 1:
+        for b in range(blocks):
+            input_grad_block_nhwc(grad, x, dx, constants, R, C, rows, b, training, stream,
+                                  work)
+    else:
+        for b in prange(blocks, schedule='dynamic', num_threads=n_threads):
+            input_grad_block_nhwc(grad, x, dx, constants, R, C, rows, b, training, stream,
+                                  thread_work(work, n_threads))
     free(partials)
     return 0
 

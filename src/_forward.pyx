@@ -116,6 +116,13 @@ cdef void normalize_runs_nchw(const data_t* x, const data_t* r, data_t* y, Py_ss
     # constants: mean_hi[C], scale[C], shift[C] back to back; work: the call's scratch
     # (new_work), of which each thread takes its own slice.
     cdef Py_ssize_t run, c
+    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
+        for run in range(N * C):
+            c = run % C
+            run_normalize_act(x + run * S, shifted(r, run * S), y + run * S, S,
+                              constants[c], constants[C + c], constants[2 * C + c], relu,
+                              stream, work)
+        return
     for run in prange(N * C, schedule='dynamic', chunksize=schedule_chunk(S),
                       num_threads=n_threads, use_threads_if=n_threads > 1):
         c = run % C
@@ -167,6 +174,12 @@ cdef void normalize_blocks_nhwc(const data_t* x, const data_t* r, data_t* y, Py_
                                 Py_ssize_t C, const floating* constants, int n_threads,
                                 bint relu, bint stream, float* work) noexcept nogil:
     cdef Py_ssize_t rows = rows_per_block(C), b
+    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
+        for b in range(block_count(R, rows)):
+            rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
+                               block_rows(R, rows, b), C, constants, constants + C,
+                               constants + 2 * C, relu, stream, work)
+        return
     for b in prange(block_count(R, rows), schedule='dynamic', num_threads=n_threads,
                     use_threads_if=n_threads > 1):
         rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
@@ -446,11 +459,16 @@ cdef int slab_stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t 
     cdef double* m2
     if batch_tiles == 1:
         # The mean lands in stats[c], m2 in stats[2 * C + c] until store_channel.
-        for u in prange(tiles, schedule='dynamic', num_threads=n_threads,
-                        use_threads_if=n_threads > 1):
-            c0 = slab_first_channel(u, C, S)
-            slab_mean_m2(x + c0 * S, N, C, S, slab_channels(u, C, S), stats + c0,
-                         stats + 2 * C + c0, thread_work(work, n_threads))
+        if n_threads == 1:                      # no OpenMP region: partition.pxd, serial calls
+            for u in range(tiles):
+                c0 = slab_first_channel(u, C, S)
+                slab_mean_m2(x + c0 * S, N, C, S, slab_channels(u, C, S), stats + c0,
+                             stats + 2 * C + c0, work)
+        else:
+            for u in prange(tiles, schedule='dynamic', num_threads=n_threads):
+                c0 = slab_first_channel(u, C, S)
+                slab_mean_m2(x + c0 * S, N, C, S, slab_channels(u, C, S), stats + c0,
+                             stats + 2 * C + c0, thread_work(work, n_threads))
         for c in range(C):
             store_channel(stats[c], stats[2 * C + c], <double>(N * S), eps, c, C, stats)
         return 0
@@ -498,16 +516,24 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     if partials == NULL:
         return OUT_OF_MEMORY
     combined = partials + 4 * blocks * C        # then the combined mean, m2 and scratch
-    for b in prange(blocks, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                     partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
-                     thread_work(work, n_threads))
-    for t in prange(tiles, schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1 and blocks * C > 65536):
-        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
-                           t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
-                           combined + C, combined + 2 * C)
+    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
+        for b in range(blocks):
+            rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
+                         partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
+                         work)
+    else:
+        for b in prange(blocks, schedule='dynamic', num_threads=n_threads):
+            rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
+                         partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
+                         thread_work(work, n_threads))
+    if n_threads == 1 or blocks * C <= 65536:   # a small combine: serial, no OpenMP region
+        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R, 0, C,
+                           combined, combined + C, combined + 2 * C)
+    else:
+        for t in prange(tiles, schedule='dynamic', num_threads=n_threads):
+            combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
+                               t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
+                               combined + C, combined + 2 * C)
     for c in range(C):
         store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
     free(partials)
@@ -555,3 +581,53 @@ def batch_stats(x, double eps, stats, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
             status = stats_any(<cpubn_bfloat16*>px, eps, ps, N, C, S, n_threads, work)
     free(work)
     check_status(status)
+
+
+# ---------------------------------------------------------------- running statistics
+
+cdef inline void blend_running(param_t* running, const double* batch, Py_ssize_t C,
+                               double factor, double batch_scale) noexcept nogil:
+    # running = (1 - factor) * running + factor * (batch * batch_scale), in float64,
+    # rounded once to param_t: the operations of the NumPy expression it replaces.
+    cdef Py_ssize_t c
+    cdef double keep = 1.0 - factor
+    for c in range(C):
+        running[c] = <param_t>(keep * <double>running[c] + factor * (batch[c] * batch_scale))
+
+
+def update_running_stats(running_mean, running_var, mean, batch_var, Py_ssize_t C,
+                         double count, double factor):
+    """Fold a training forward's statistics (mean and biased variance: float64, C values
+    each) into the running statistics, in place: running = (1 - factor) * running +
+    factor * batch, with the unbiased variance (batch_var * count / (count - 1)) for
+    running_var, as in PyTorch.  running_mean, running_var: None or contiguous float32 or
+    float64 arrays of C values, of one dtype, writeable, not overlapping the batch's.  A
+    call costs well under a microsecond, where the same update in NumPy costs about seven
+    at C = 16."""
+    if C < 1 or count < 2:
+        raise ValueError(f"cpubn kernel: impossible update (C={C}, count={count})")
+    checked_array(mean, "mean", C, -1, False)
+    checked_array(batch_var, "batch_var", C, -1, False)
+    cdef bint param32 = check_params((running_mean, running_var),
+                                     ("running_mean", "running_var"), C, False)
+    for array, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if array is not None:
+            if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>array):
+                raise ValueError(f"cpubn kernel: {name} must be writeable")
+            check_no_overlap(array, mean, name, "mean", False)
+            check_no_overlap(array, batch_var, name, "batch_var", False)
+    cdef void* pm = data_of(running_mean)
+    cdef void* pv = data_of(running_var)
+    cdef const double* batch_mean = <double*>data_of(mean)
+    cdef const double* biased_var = <double*>data_of(batch_var)
+    cdef double unbias = count / (count - 1.0)
+    if pm != NULL:
+        if param32:
+            blend_running(<float*>pm, batch_mean, C, factor, 1.0)
+        else:
+            blend_running(<double*>pm, batch_mean, C, factor, 1.0)
+    if pv != NULL:
+        if param32:
+            blend_running(<float*>pv, biased_var, C, factor, unbias)
+        else:
+            blend_running(<double*>pv, biased_var, C, factor, unbias)

@@ -191,6 +191,58 @@ def test_batch_stats_checks_its_buffers():
         _forward.batch_stats(np.zeros(N * C * S, np.int32), 1e-5, np.empty(3 * C), N, C, S, 1)
 
 
+def update(running_mean, running_var, mean=None, batch_var=None, channels=C, count=10.0,
+           factor=0.1):
+    mean = np.zeros(C) if mean is None else mean
+    batch_var = np.ones(C) if batch_var is None else batch_var
+    _forward.update_running_stats(running_mean, running_var, mean, batch_var, channels,
+                                  count, factor)
+
+
+def test_running_stats_update_checks_its_buffers():
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    update(rm, rv)
+    update(None, np.ones(C))                          # either may be absent
+    with pytest.raises(ValueError, match="elements"):
+        update(np.zeros(C + 1, np.float32), rv)
+    with pytest.raises(ValueError, match="elements"):
+        update(rm, rv, mean=np.zeros(C - 1))
+    with pytest.raises(TypeError, match="float64"):
+        update(rm, rv, batch_var=np.ones(C, np.float32))
+    with pytest.raises(TypeError, match="share one dtype"):
+        update(rm, np.ones(C))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        update(np.zeros(C, np.float16), None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        update(np.zeros(2 * C, np.float32)[::2], None)
+    read_only = np.zeros(C, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        update(read_only, rv)
+    batch = np.zeros(2 * C)
+    with pytest.raises(ValueError, match="overlap"):
+        update(batch[:C], None, mean=batch[:C], batch_var=batch[C:])
+    with pytest.raises(ValueError, match="impossible"):
+        update(rm, rv, count=1.0)                     # no unbiased variance of one value
+    with pytest.raises(ValueError, match="impossible"):
+        update(rm, rv, channels=0)
+
+
+def test_running_stats_update_is_the_float64_blend():
+    rng = np.random.default_rng(4)
+    mean, batch_var = rng.standard_normal(C), rng.random(C) + 0.5
+    for dtype in (np.float32, np.float64):
+        rm0 = rng.standard_normal(C).astype(dtype)
+        rv0 = (rng.random(C) + 0.5).astype(dtype)
+        rm, rv = rm0.copy(), rv0.copy()
+        update(rm, rv, mean, batch_var, count=7.0, factor=0.3)
+        expect_m = 0.7 * rm0.astype(np.float64) + 0.3 * mean
+        expect_v = 0.7 * rv0.astype(np.float64) + 0.3 * (batch_var * 7.0 / 6.0)
+        np.testing.assert_allclose(rm, expect_m.astype(dtype), rtol=0, atol=0)
+        np.testing.assert_allclose(rv, expect_v.astype(dtype),
+                                   rtol=2 * np.finfo(dtype).eps, atol=0)
+
+
 def test_split_path_waves_match_one_wave():
     # The channels-first split path folds its partials a wave of batch items at a time
     # (partition.pxd: SPLIT_WAVE_ITEMS work items per wave; this shape takes 3 waves).

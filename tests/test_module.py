@@ -241,3 +241,21 @@ def test_rebound_parameters_are_checked_and_used():
     np.testing.assert_allclose(bn(x), 2 * xhat, atol=1e-5)
     bn.weight[...] = 3.0                       # in-place updates of a converted array are seen
     np.testing.assert_allclose(bn(x), 3 * xhat, atol=1e-5)
+
+
+def test_running_stats_kernel_update_matches_the_numpy_one():
+    # Contiguous float32/float64 running statistics are updated by the kernel
+    # (_forward.update_running_stats); strided ones take the NumPy expression.  Same bits.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 5, 3)).astype(np.float32)
+    for dtype in (np.float32, np.float64):
+        for momentum in (0.1, None):
+            contiguous = cpubn.BatchNorm(5, dtype=dtype, momentum=momentum)
+            strided = cpubn.BatchNorm(5, dtype=dtype, momentum=momentum)
+            strided.running_mean = np.zeros(10, dtype)[::2]
+            strided.running_var = np.ones(10, dtype)[::2]
+            for _ in range(3):
+                contiguous(x)
+                strided(x)
+            np.testing.assert_array_equal(contiguous.running_mean, strided.running_mean)
+            np.testing.assert_array_equal(contiguous.running_var, strided.running_var)
