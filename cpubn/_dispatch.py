@@ -192,14 +192,14 @@ def update_running_stats(running_mean: NDArray[Any] | None, running_var: NDArray
     """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
     variance for running_var (PyTorch's convention).  Computed in float64, rounded once.
 
-    The kernel does it when the arrays are what the kernels read (contiguous, one dtype
-    of float32 or float64); other float arrays (float16, strided views) take the same
-    arithmetic in NumPy."""
+    The kernel does it when the running arrays are what the kernels read (contiguous, one
+    dtype of float32 or float64); other float arrays (float16, strided views) take the
+    same arithmetic in NumPy.  saved.mean and saved.batch_var are contiguous float64 (a
+    Saved's stats, or SyncBatchNorm's global ones), and count >= 2 (batch statistics need
+    more than one value per channel): the kernel checks both and raises otherwise."""
     mean, batch_var = saved.mean, saved.batch_var
-    if (type(mean) is np.ndarray and type(batch_var) is np.ndarray and count >= 2
-            and _kernel_ready(running_mean, running_var) and _kernel_ready(mean, batch_var)
-            and mean.dtype == _FLOAT64):
-        _forward.update_running_stats(running_mean, running_var, mean, batch_var, mean.size,
+    if _kernel_ready(running_mean, running_var):
+        _forward.update_running_stats(running_mean, running_var, mean, batch_var, len(mean),
                                       count, factor)
         return
     with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf

@@ -124,7 +124,7 @@ cdef void normalize_runs_nchw(const data_t* x, const data_t* r, data_t* y, Py_ss
                               stream, work)
         return
     for run in prange(N * C, schedule='dynamic', chunksize=schedule_chunk(S),
-                      num_threads=n_threads, use_threads_if=n_threads > 1):
+                      num_threads=n_threads):
         c = run % C
         run_normalize_act(x + run * S, shifted(r, run * S), y + run * S, S, constants[c],
                           constants[C + c], constants[2 * C + c], relu, stream,
@@ -180,8 +180,7 @@ cdef void normalize_blocks_nhwc(const data_t* x, const data_t* r, data_t* y, Py_
                                block_rows(R, rows, b), C, constants, constants + C,
                                constants + 2 * C, relu, stream, work)
         return
-    for b in prange(block_count(R, rows), schedule='dynamic', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
+    for b in prange(block_count(R, rows), schedule='dynamic', num_threads=n_threads):
         rows_normalize_act(x + b * rows * C, shifted(r, b * rows * C), y + b * rows * C,
                            block_rows(R, rows, b), C, constants, constants + C,
                            constants + 2 * C, relu, stream, thread_work(work, n_threads))
