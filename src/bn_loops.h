@@ -93,11 +93,12 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
 /* Float data sums groups of this many iterations (rows) in float before double. */
 #define CPUBN_GROUP 8
 
-/* Channels-last reductions walk a block of rows in tiles of this many channels, so that a
- * tile's accumulators stay in vector registers across the rows (two AVX-512 registers of
- * floats, four of doubles).  A loop over whole rows loads and stores every accumulator
- * once per row: at C = 1024 that ran at 6-9 GB/s, a third of a plain read.  Tiling keeps
- * each channel's additions in the same order, hence the same bits. */
+/* The channels-last statistics walk a block of rows in tiles of this many channels, so
+ * that a tile's accumulators stay in vector registers across the rows (two AVX-512
+ * registers of floats, four of doubles).  A loop over whole rows loads and stores every
+ * accumulator once per row: at C = 1024 that ran at 6-9 GB/s, a third of a plain read.
+ * Tiling keeps each channel's additions in the same order, hence the same bits.  (The
+ * backward's gradient sums keep whole rows: see rows_grad_sums_add.) */
 #define CPUBN_ROW_TILE 32
 
 /* Half-precision tiles, in values: element-wise loops and channels-last reductions use
@@ -230,9 +231,8 @@ static void cpubn_invalid_type_pair(void)
 /* The grouped-pivot sums: the one summation that every reduction of float data shares
  * (the float32 loops' mean_m2_grouped, grad_sums_grouped and rows_mean_m2, and the
  * half-precision rows_mean_m2, which must give the float32 bits).  `n` rows of `width`
- * float columns (row r at a + r * stride; grouped_pivot_sums: stride = width), all
- * within one group of at most CPUBN_GROUP
- * rows, are summed per column in float into the group sums `sum` and `sq`, which `first`
+ * float columns (row r at a + r * stride; grouped_pivot_sums: stride = width), all within
+ * one group of at most CPUBN_GROUP rows, are summed per column in float into the group sums `sum` and `sq`, which `first`
  * resets before and `last` adds into the double accumulators `acc` and `acc_sq` after:
  *   CPUBN_SUM_VALUES      sum += a                     (sq, acc_sq, pivot, b unused)
  *   CPUBN_SUM_DEVIATIONS  d = a - pivot; sum += d; sq += d * d             (b unused)
