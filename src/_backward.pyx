@@ -34,11 +34,11 @@ from bn_loops cimport (cpubn_bfloat16, cpubn_half, cpubn_half_init, data_t, floa
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
                      UNSUPPORTED_TYPES, check_dims, check_no_overlap, check_params, check_status,
                      checked_array, data_kind, data_of, gamma_of, param_t)
-from partition cimport (MAX_CHANNEL_BLOCK, RUN_CHUNK, SLAB_MAX_WIDTH, block_count, block_rows,
-                        chunk_length, channels_per_block, chunks_per_run, ordered_sum,
+from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, SLAB_MAX_WIDTH, block_count,
+                        block_rows, chunk_length, channels_per_block, chunks_per_run,
                         rows_per_block, schedule_chunk, slab_batch_items, slab_batch_tiles,
                         slab_channel_tiles, slab_channels, slab_first_channel, slab_offset,
-                        slab_wave, slabs_complete, split_item_channel, split_item_offset,
+                        partials_wave, slabs_complete, split_item_channel, split_item_offset,
                         split_item_slot, split_wave, uses_slabs)
 
 cnp.import_array()
@@ -270,10 +270,10 @@ cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x,
                              Py_ssize_t C, Py_ssize_t S, int n_threads,
                              float* work) noexcept nogil:
     # Slabs of whole channels: one pass each (backward_slab).  Larger batches: per-slab
-    # sums, a wave of batch tiles at a time (slab_wave), added per channel in batch order;
+    # sums, a wave of batch tiles at a time (partials_wave), added per channel in batch order;
     # then a dx pass over the slabs.
     cdef Py_ssize_t tiles = slab_channel_tiles(C, S), batch_tiles = slab_batch_tiles(N, C, S)
-    cdef Py_ssize_t wave = min(batch_tiles, slab_wave(C))
+    cdef Py_ssize_t wave = min(batch_tiles, partials_wave(C))
     cdef Py_ssize_t u, t, c, b, b0, nb, c0, offset
     cdef double* partials
     cdef double* sums
@@ -329,15 +329,18 @@ cdef int backward_slabs_nchw(const data_t* dy, const data_t* y, const data_t* x,
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
-cdef inline void finish_nhwc_channel(const double* partials, Py_ssize_t blocks,
-                                     const double* stats, const param_t* weight,
-                                     Py_ssize_t R, bint training, Py_ssize_t c, Py_ssize_t C,
-                                     double* grads, floating* constants) noexcept nogil:
-    # Channel c's block sums added in block order (sum(dy) at partials[b * C + c], sum(dy *
-    # (x - mean)) at partials[(blocks + b) * C + c]), then its grads and constants.
-    finish_channel(ordered_sum(partials + c, blocks, C),
-                   ordered_sum(partials + blocks * C + c, blocks, C), stats, weight,
-                   <double>R, training, c, C, grads, constants)
+cdef inline void add_block_sums(const double* partials, Py_ssize_t blocks, Py_ssize_t wave,
+                                Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                                double* sums) noexcept nogil:
+    # Add a wave's block sums into the running sums of channels c0 <= c < c1, in block
+    # order: sum(dy) from partials[b * C + c] into sums[c], sum(dy * (x - mean)) from
+    # partials[(wave + b) * C + c] into sums[C + c].  Each channel's additions are those of
+    # one ordered sum over all blocks, whatever the waves.
+    cdef Py_ssize_t b, c
+    for b in range(blocks):
+        for c in range(c0, c1):
+            sums[c] += partials[b * C + c]
+            sums[C + c] += partials[(wave + b) * C + c]
 
 
 cdef inline void input_grad_block_nhwc(const data_t* grad, const data_t* x, data_t* dx,
@@ -359,35 +362,46 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
                        data_t* dx, const double* stats, const param_t* weight,
                        bint training, double* grads, floating* constants, Py_ssize_t R,
                        Py_ssize_t C, int n_threads, bint stream, float* work) noexcept nogil:
-    # Per-block sums of all channels (vectorized over C), summed per channel in block
-    # order, then a pass writing dx.  DRAM: dy and x read twice (x once in eval mode),
-    # dx written once.
+    # Per-block sums of all channels (vectorized over C), a wave of partials_wave(C) blocks
+    # at a time, added per channel in block order (add_block_sums), then a pass writing dx.
+    # DRAM: dy and x read twice (x once in eval mode), dx written once.
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
-    cdef Py_ssize_t b, c
-    cdef double* partials = <double*>malloc(2 * blocks * C * sizeof(double))
+    cdef Py_ssize_t wave = min(blocks, partials_wave(C))
+    cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
+    cdef Py_ssize_t b, b0, nb, t, c
+    # Block b of a wave: its sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at
+    # partials[(wave + b) * C:]; then the running sums (2 * C, zeroed).
+    cdef double* partials = <double*>malloc(2 * (wave + 1) * C * sizeof(double))
+    cdef double* sums
     cdef const data_t* grad = dy if g == NULL else g
     if partials == NULL:
         return OUT_OF_MEMORY
-    # Block b's sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at partials[(blocks + b) * C:].
-    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
-        for b in range(blocks):
-            block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
-                            partials + b * C, partials + (blocks + b) * C, work)
-    else:
-        for b in prange(blocks, schedule='dynamic', num_threads=n_threads):
-            block_grad_sums(dy, y, x, g, b * rows * C, block_rows(R, rows, b), C, stats,
-                            partials + b * C, partials + (blocks + b) * C,
-                            thread_work(work, n_threads))
-    if n_threads == 1 or blocks * C <= 65536:   # a small combine: serial, no OpenMP region
-        for c in range(C):
-            finish_nhwc_channel(partials, blocks, stats, weight, R, training, c, C, grads,
-                                constants)
-    else:
-        for c in prange(C, schedule='dynamic', chunksize=schedule_chunk(2 * blocks),
-                        num_threads=n_threads):
-            finish_nhwc_channel(partials, blocks, stats, weight, R, training, c, C, grads,
-                                constants)
+    sums = partials + 2 * wave * C
+    for c in range(2 * C):
+        sums[c] = 0.0
+    b0 = 0
+    while b0 < blocks:
+        nb = min(wave, blocks - b0)
+        if n_threads == 1:                      # no OpenMP region: partition.pxd, serial calls
+            for b in range(nb):
+                block_grad_sums(dy, y, x, g, (b0 + b) * rows * C, block_rows(R, rows, b0 + b),
+                                C, stats, partials + b * C, partials + (wave + b) * C, work)
+        else:
+            for b in prange(nb, schedule='dynamic', num_threads=n_threads):
+                block_grad_sums(dy, y, x, g, (b0 + b) * rows * C, block_rows(R, rows, b0 + b),
+                                C, stats, partials + b * C, partials + (wave + b) * C,
+                                thread_work(work, n_threads))
+        if n_threads == 1 or nb * C <= 65536:   # a small combine: serial, no OpenMP region
+            add_block_sums(partials, nb, wave, C, 0, C, sums)
+        else:
+            for t in prange(tiles, schedule='dynamic', num_threads=n_threads):
+                add_block_sums(partials, nb, wave, C, t * COMBINE_TILE,
+                               min(C, (t + 1) * COMBINE_TILE), sums)
+        b0 += nb
+    for c in range(C):
+        finish_channel(sums[c], sums[C + c], stats, weight, <double>R, training, c, C, grads,
+                       constants)
     if n_threads == 1:
         for b in range(blocks):
             input_grad_block_nhwc(grad, x, dx, constants, R, C, rows, b, training, stream,

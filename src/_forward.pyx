@@ -29,7 +29,7 @@ cimport numpy as cnp
 from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half,
                        cpubn_half_conversions, cpubn_half_init, data_t, floating, new_work,
                        rows_mean_m2, rows_normalize_act, run_mean_m2, run_normalize_act,
-                       shifted, slab_mean_m2, thread_work)
+                       shifted, slab_mean_m2, thread_slot, thread_work)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
                      OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_dims, check_no_overlap,
                      check_params, check_status, checked_array, data_kind, data_of, gamma_of,
@@ -38,7 +38,7 @@ from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count,
                         chunk_length, channels_per_block, chunks_per_run, rows_per_block,
                         schedule_chunk, slab_batch_items, slab_batch_tiles,
                         slab_channel_tiles, slab_channels, slab_first_channel, slab_offset,
-                        slab_wave, split_item_offset, split_item_slot, split_wave, uses_slabs)
+                        partials_wave, split_item_offset, split_item_slot, split_wave, uses_slabs)
 
 cnp.import_array()
 cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
@@ -448,9 +448,9 @@ cdef int slab_stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t 
     # Short runs: per-slab statistics (slab_mean_m2).  Slabs of whole channels are final
     # (train_slab computes the same ones); otherwise each wave of batch tiles' partials is
     # merged per channel, in batch order, into running (count, mean, m2) before the next:
-    # scratch of 2 * C doubles per batch tile of a wave (slab_wave), whatever N.
+    # scratch of 2 * C doubles per batch tile of a wave (partials_wave), whatever N.
     cdef Py_ssize_t tiles = slab_channel_tiles(C, S), batch_tiles = slab_batch_tiles(N, C, S)
-    cdef Py_ssize_t wave = min(batch_tiles, slab_wave(C))
+    cdef Py_ssize_t wave = min(batch_tiles, partials_wave(C))
     cdef Py_ssize_t u, c, b, b0, nb, c0
     cdef double* partials
     cdef double* count
@@ -503,38 +503,67 @@ cdef int slab_stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t 
 
 cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py_ssize_t C,
                     int n_threads, float* work) noexcept nogil:
-    # Per-block partials of all channels, combined in block order.  Block b's means at
-    # partials[b * C:], its m2 at partials[(blocks + b) * C:], its scratch (2 * C) at
-    # partials[(2 * blocks + 2 * b) * C:].
+    # Blocks of rows_per_block(C) rows, a wave of partials_wave(C) blocks at a time: the
+    # wave's block partials (in parallel), combined per channel in block order into the
+    # wave's mean and m2 (combine_row_blocks), which are merged into the running statistics
+    # in wave order (chan_merge).  Wave boundaries depend on R and C alone, so the bits do
+    # not depend on the thread count; the scratch is bounded whatever R.  One wave (up to
+    # 2^34 / C elements) gives the running statistics the combine's values exactly.
     cdef Py_ssize_t rows = rows_per_block(C)
     cdef Py_ssize_t blocks = block_count(R, rows)
+    cdef Py_ssize_t wave = min(blocks, partials_wave(C))
     cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
-    cdef Py_ssize_t b, t, c
-    cdef double* partials = <double*>malloc((4 * blocks + 3) * C * sizeof(double))
+    cdef Py_ssize_t b, b0, nb, t, c, wave_rows, done
+    cdef double merged
+    # Block b of a wave: its means at partials[b * C:], its m2 at partials[(wave + b) * C:];
+    # then each thread's rows_mean_m2 scratch (2 * C), the wave's combined mean, m2 and
+    # deviations, and the running mean and m2.
+    cdef double* partials = <double*>malloc((2 * wave + 2 * n_threads + 5) * C * sizeof(double))
+    cdef double* thread_scratch
     cdef double* combined
+    cdef double* mean
+    cdef double* m2
     if partials == NULL:
         return OUT_OF_MEMORY
-    combined = partials + 4 * blocks * C        # then the combined mean, m2 and scratch
-    if n_threads == 1:                          # no OpenMP region: partition.pxd, serial calls
-        for b in range(blocks):
-            rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                         partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
-                         work)
-    else:
-        for b in prange(blocks, schedule='dynamic', num_threads=n_threads):
-            rows_mean_m2(x + b * rows * C, block_rows(R, rows, b), C, partials + b * C,
-                         partials + (blocks + b) * C, partials + (2 * blocks + 2 * b) * C,
-                         thread_work(work, n_threads))
-    if n_threads == 1 or blocks * C <= 65536:   # a small combine: serial, no OpenMP region
-        combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R, 0, C,
-                           combined, combined + C, combined + 2 * C)
-    else:
-        for t in prange(tiles, schedule='dynamic', num_threads=n_threads):
-            combine_row_blocks(partials, partials + blocks * C, blocks, C, rows, R,
-                               t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE), combined,
-                               combined + C, combined + 2 * C)
+    thread_scratch = partials + 2 * wave * C
+    combined = thread_scratch + 2 * n_threads * C
+    mean = combined + 3 * C
+    m2 = mean + C
+    b0 = 0
+    while b0 < blocks:
+        nb = min(wave, blocks - b0)
+        wave_rows = min(R - b0 * rows, nb * rows)
+        if n_threads == 1:                      # no OpenMP region: partition.pxd, serial calls
+            for b in range(nb):
+                rows_mean_m2(x + (b0 + b) * rows * C, block_rows(R, rows, b0 + b), C,
+                             partials + b * C, partials + (wave + b) * C, thread_scratch,
+                             work)
+        else:
+            for b in prange(nb, schedule='dynamic', num_threads=n_threads):
+                rows_mean_m2(x + (b0 + b) * rows * C, block_rows(R, rows, b0 + b), C,
+                             partials + b * C, partials + (wave + b) * C,
+                             thread_scratch + 2 * C * thread_slot(n_threads),
+                             thread_work(work, n_threads))
+        if n_threads == 1 or nb * C <= 65536:   # a small combine: serial, no OpenMP region
+            combine_row_blocks(partials, partials + wave * C, nb, C, rows, wave_rows, 0, C,
+                               combined, combined + C, combined + 2 * C)
+        else:
+            for t in prange(tiles, schedule='dynamic', num_threads=n_threads):
+                combine_row_blocks(partials, partials + wave * C, nb, C, rows, wave_rows,
+                                   t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE),
+                                   combined, combined + C, combined + 2 * C)
+        done = b0 * rows                        # rows already in the running statistics
+        for c in range(C):
+            if done == 0:
+                mean[c] = combined[c]
+                m2[c] = combined[C + c]
+            else:
+                merged = <double>done
+                chan_merge(&merged, &mean[c], &m2[c], <double>wave_rows, combined[c],
+                           combined[C + c])
+        b0 += nb
     for c in range(C):
-        store_channel(combined[c], combined[C + c], <double>R, eps, c, C, stats)
+        store_channel(mean[c], m2[c], <double>R, eps, c, C, stats)
     free(partials)
     return 0
 

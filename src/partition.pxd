@@ -84,17 +84,6 @@ cdef inline Py_ssize_t block_rows(Py_ssize_t R, Py_ssize_t rows, Py_ssize_t b) n
     return rows if rest > rows else rest
 
 
-cdef inline double ordered_sum(const double* values, Py_ssize_t count,
-                               Py_ssize_t stride) noexcept nogil:
-    # Partials are always added in index order: the fixed combination order that makes
-    # results independent of the thread count.
-    cdef double total = 0.0
-    cdef Py_ssize_t i
-    for i in range(count):
-        total += values[i * stride]
-    return total
-
-
 # The channels-first split path (few channels): work item u walks memory in order,
 # u = (n * C + c) * chunks + k, and stores its partial with channel c's others in the
 # (n, chunk) order that the per-channel merge (and the channel-block path) uses.
@@ -170,9 +159,10 @@ cdef inline Py_ssize_t slab_batch_tiles(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
     return (N + slab_items(N, C, S) - 1) // slab_items(N, C, S)
 
 
-cdef inline Py_ssize_t slab_wave(Py_ssize_t C) noexcept nogil:
-    # Batch tiles per wave of partials (two doubles per tile and channel): the scratch
-    # stays below 2 * SPLIT_WAVE_ITEMS doubles whatever N.
+cdef inline Py_ssize_t partials_wave(Py_ssize_t C) noexcept nogil:
+    # Work items per wave of partials that keep two doubles per item and channel (the
+    # slabs' batch tiles, the channels-last row blocks): the scratch stays below
+    # 2 * SPLIT_WAVE_ITEMS doubles whatever N.
     return SPLIT_WAVE_ITEMS // C if C < SPLIT_WAVE_ITEMS else 1
 
 

@@ -267,3 +267,36 @@ def test_split_path_waves_match_one_wave():
                                rtol=1e-10)
     np.testing.assert_allclose(results[0][5], dy.astype(np.float64).sum(axis=(0, 2)),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, dtype", [((9, 70000), np.float64),    # 3 waves of 3 rows
+                                          ((4200, 2048), np.float32)])  # 132 blocks: 128 + 4
+def test_channels_last_waves_keep_the_contract(shape, dtype):
+    # The channels-last statistics and gradient sums work a wave of partials_wave(C) row
+    # blocks at a time (partition.pxd), so their scratch does not grow with the rows.
+    # These shapes take several waves: the same bits on 1 and 2 threads, and the float64
+    # reference's statistics, dx and parameter gradients.
+    import cpubn
+    rng = np.random.default_rng(5)
+    x = (5 + 3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for n_threads in (1, 2):
+        with cpubn.threads(n_threads):
+            y, mean, invstd = cpubn.batch_norm_forward(x, axis=-1)
+            dx, dw, db = cpubn.batch_norm_backward(dy, x, mean, invstd, axis=-1)
+        results.append((y, mean, invstd, dx, dw, db))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    y, mean, invstd, dx, dw, db = results[0]
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    want_invstd = 1 / np.sqrt(x64.var(axis=0) + 1e-5)
+    xhat = (x64 - x64.mean(axis=0)) * want_invstd
+    want_dx = want_invstd * (dy64 - dy64.mean(axis=0) - xhat * (dy64 * xhat).mean(axis=0))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=tol)
+    np.testing.assert_allclose(invstd, want_invstd, rtol=tol)
+    np.testing.assert_allclose(y, xhat, rtol=0, atol=10 * tol)
+    np.testing.assert_allclose(dx, want_dx, rtol=0, atol=10 * tol * np.abs(want_dx).max())
+    np.testing.assert_allclose(db, dy64.sum(axis=0), rtol=tol, atol=tol * shape[0])
+    np.testing.assert_allclose(dw, (dy64 * xhat).sum(axis=0), rtol=tol, atol=tol * shape[0])
