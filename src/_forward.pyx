@@ -26,7 +26,7 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half,
+from bn_loops cimport (chan_merge, combine_row_blocks, touch_lines, cpubn_bfloat16, cpubn_half,
                        cpubn_half_conversions, cpubn_half_init, data_t, floating, new_work,
                        rows_mean_m2, rows_normalize_act, run_mean_m2, run_normalize_act,
                        shifted, slab_mean_m2, thread_slot, thread_work)
@@ -38,7 +38,8 @@ from partition cimport (COMBINE_TILE, MAX_CHANNEL_BLOCK, RUN_CHUNK, block_count,
                         chunk_length, channels_per_block, chunks_per_run, rows_per_block,
                         schedule_chunk, slab_batch_items, slab_batch_tiles,
                         slab_channel_tiles, slab_channels, slab_first_channel, slab_offset,
-                        partials_wave, split_item_offset, split_item_slot, split_wave, uses_slabs)
+                        partials_wave, split_item_offset, split_item_slot, split_wave,
+                        touches_row_blocks, uses_slabs)
 
 cnp.import_array()
 cpubn_half_init()       # once, here: the loops only read which conversions this CPU has
@@ -501,6 +502,16 @@ cdef int slab_stats_nchw(const data_t* x, double eps, double* stats, Py_ssize_t 
     return 0
 
 
+cdef inline void block_mean_m2(const data_t* x, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rows,
+                               Py_ssize_t b, bint touch, double* mean, double* m2,
+                               double* scratch, float* work) noexcept nogil:
+    # Row block b's per-channel mean and m2; scratch: 2 * C doubles of this thread's.
+    cdef const data_t* block = x + b * rows * C
+    if touch:
+        touch_lines(block, block_rows(R, rows, b) * C * sizeof(data_t))
+    rows_mean_m2(block, block_rows(R, rows, b), C, mean, m2, scratch, work)
+
+
 cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py_ssize_t C,
                     int n_threads, float* work) noexcept nogil:
     # Blocks of rows_per_block(C) rows, a wave of partials_wave(C) blocks at a time: the
@@ -523,6 +534,10 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     cdef double* combined
     cdef double* mean
     cdef double* m2
+    # Float32 and float64 blocks whose rows the channel tiles walk badly from memory are
+    # read linearly first (partition.pxd: touches_row_blocks); half-precision blocks are
+    # walked by converted tiles instead.
+    cdef bint touch = sizeof(data_t) >= 4 and touches_row_blocks(C * sizeof(data_t))
     if partials == NULL:
         return OUT_OF_MEMORY
     thread_scratch = partials + 2 * wave * C
@@ -535,15 +550,14 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
         wave_rows = min(R - b0 * rows, nb * rows)
         if n_threads == 1:                      # no OpenMP region: partition.pxd, serial calls
             for b in range(nb):
-                rows_mean_m2(x + (b0 + b) * rows * C, block_rows(R, rows, b0 + b), C,
-                             partials + b * C, partials + (wave + b) * C, thread_scratch,
-                             work)
+                block_mean_m2(x, R, C, rows, b0 + b, touch, partials + b * C,
+                              partials + (wave + b) * C, thread_scratch, work)
         else:
             for b in prange(nb, schedule='dynamic', num_threads=n_threads):
-                rows_mean_m2(x + (b0 + b) * rows * C, block_rows(R, rows, b0 + b), C,
-                             partials + b * C, partials + (wave + b) * C,
-                             thread_scratch + 2 * C * thread_slot(n_threads),
-                             thread_work(work, n_threads))
+                block_mean_m2(x, R, C, rows, b0 + b, touch, partials + b * C,
+                              partials + (wave + b) * C,
+                              thread_scratch + 2 * C * thread_slot(n_threads),
+                              thread_work(work, n_threads))
         if n_threads == 1 or nb * C <= 65536:   # a small combine: serial, no OpenMP region
             combine_row_blocks(partials, partials + wave * C, nb, C, rows, wave_rows, 0, C,
                                combined, combined + C, combined + 2 * C)
