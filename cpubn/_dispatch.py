@@ -63,7 +63,7 @@ def _output(dtype: np.dtype[Any], layout: Layout,
     A buffer of at least STREAM_MIN_BYTES comes from cpubn._pool (recycled memory, an
     ordinary array whose base is its pool block) and is written with streaming stores
     when its memory is already mapped (out, or a reused block): they save reading every
-    line before it is written.  Fresh memory is written with ordinary stores instead,
+    line before it is written (forward overrides this for eval, see there).  Fresh memory is written with ordinary stores instead,
     which find the lines its page faults have just zeroed still in cache (streaming over
     them measured 1.4x slower at 2 threads on 100 MB)."""
     if out is not None:
@@ -151,6 +151,13 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
             redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
                                     residual, relu)
     else:
+        # Eval writes y with ordinary stores whatever its size: with them its single pass
+        # took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads,
+        # calls alternated, both layouts; one case 1.05x, as much as the sub-16 MiB
+        # control moved), on this project's AMD EPYC VM; an earlier Intel VM measured no
+        # gain from streaming in eval either.  Training and backward keep streaming:
+        # there ordinary stores measured 0.8-1.1x, no consistent gain.
+        stream = False
         stats = np.empty(2 * channels)
         if not params_checked:
             running_mean, running_var, weight, bias = kernel_params(

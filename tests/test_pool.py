@@ -116,3 +116,32 @@ def test_the_pool_keeps_at_most_its_limit():
     blocks = [_pool.empty((1 << 20,), np.float64)[0] for _ in range(3)]
     del blocks
     assert _pool.unused_pooled_bytes() <= limit
+
+
+def test_stores_streaming_only_in_training_and_backward(rng, monkeypatch):
+    # Outputs of 16 MiB and more are written with streaming stores by the two-pass
+    # training and backward kernels; eval writes them with ordinary stores (measured faster
+    # for its single pass: cpubn/_dispatch.py).  The results are the same either way, so
+    # this checks the flag the kernels are handed.
+    from cpubn import _backward, _forward
+    handed = {}
+
+    def spy(module, name, index):
+        kernel = getattr(module, name)
+
+        def call(*args):
+            handed[name] = args[index]
+            return kernel(*args)
+        monkeypatch.setattr(module, name, call)
+
+    spy(_forward, "forward_train", 10)
+    spy(_forward, "forward_eval", 12)
+    spy(_backward, "backward", 11)
+    x = _large(rng)
+    bn = cpubn.BatchNorm(8, dtype=np.float64)
+    out = np.empty_like(x)
+    bn(x, out=out)
+    bn.backward(x, out=np.empty_like(x))
+    bn.eval()
+    bn(x, out=out)
+    assert handed == {"forward_train": True, "backward": True, "forward_eval": False}
