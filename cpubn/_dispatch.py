@@ -54,25 +54,32 @@ def kernel_params(x_dtype: np.dtype[Any], *arrays: NDArray[Any] | None
             else np.ascontiguousarray(a, dtype=dtype) for a in arrays]
 
 
-def _output(dtype: np.dtype[Any], layout: Layout,
-            out: NDArray[Any] | None) -> tuple[NDArray[Any], bool]:
+def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
+            may_stream: bool = True) -> tuple[NDArray[Any], bool]:
     """(the dense buffer the kernel writes, whether to write it with streaming stores).
     With an `out` whose memory order differs from the input's, the buffer is a temporary,
     copied into out by _finish.
 
     A buffer of at least STREAM_MIN_BYTES comes from cpubn._pool (recycled memory, an
-    ordinary array whose base is its pool block) and is written with streaming stores
-    when its memory is already mapped (out, or a reused block): they save reading every
-    line before it is written (forward overrides this for eval, see there).  Fresh memory is written with ordinary stores instead,
-    which find the lines its page faults have just zeroed still in cache (streaming over
-    them measured 1.4x slower at 2 threads on 100 MB)."""
+    ordinary array whose base is its pool block) and, when the kernel may_stream, is
+    written with streaming stores when its memory is already mapped (out, or a reused
+    block): they save reading every line before it is written.  Fresh memory is written
+    with ordinary stores instead, which find the lines its page faults have just zeroed
+    still in cache (streaming over them measured 1.4x slower at 2 threads on 100 MB).
+
+    Eval (may_stream False) always writes with ordinary stores: with them its single
+    pass took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads, calls
+    alternated, both layouts; one case 1.05x, as much as the sub-16 MiB control moved),
+    on this project's AMD EPYC VM; an earlier Intel VM measured no gain from streaming in
+    eval either.  Training and backward stream: there ordinary stores measured 0.8-1.1x,
+    no consistent gain."""
     if out is not None:
         dense = layout.dense_or_none(out)
         if dense is not None:
-            return dense, dense.nbytes >= STREAM_MIN_BYTES
+            return dense, may_stream and dense.nbytes >= STREAM_MIN_BYTES
     if layout.size * dtype.itemsize >= STREAM_MIN_BYTES:
         buffer, fresh = _pool.empty(layout.dense_shape, dtype)
-        return buffer, not fresh
+        return buffer, may_stream and not fresh
     return layout.new_dense(dtype), False
 
 
@@ -138,7 +145,7 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
     x_dense = layout.dense(x)
     if residual is not None:
         residual = layout.dense(residual)     # into x's memory order (a copy only if needed)
-    y_dense, stream = _output(x.dtype, layout, out)
+    y_dense, stream = _output(x.dtype, layout, out, may_stream=running_mean is None)
     n, channels, s = layout.kernel_dims
     n_threads = threads_for(x.size)
     if running_mean is None:
@@ -151,13 +158,6 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
             redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
                                     residual, relu)
     else:
-        # Eval writes y with ordinary stores whatever its size: with them its single pass
-        # took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads,
-        # calls alternated, both layouts; one case 1.05x, as much as the sub-16 MiB
-        # control moved), on this project's AMD EPYC VM; an earlier Intel VM measured no
-        # gain from streaming in eval either.  Training and backward keep streaming:
-        # there ordinary stores measured 0.8-1.1x, no consistent gain.
-        stream = False
         stats = np.empty(2 * channels)
         if not params_checked:
             running_mean, running_var, weight, bias = kernel_params(

@@ -380,10 +380,9 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     cdef double* partials = <double*>malloc(2 * (wave + 1) * C * sizeof(double))
     cdef double* sums
     cdef const data_t* grad = dy if g == NULL else g
-    # Float32 and float64 blocks whose rows the sums walk badly from memory are read
-    # linearly first: (32, 56, 56, 256) float32, 1 thread, 40 -> 32 ms; (32, 28, 28, 512)
-    # 22 -> 18 ms (partition.pxd: touches_row_blocks).
-    cdef bint touch = sizeof(data_t) >= 4 and touches_row_blocks(C * sizeof(data_t))
+    # Blocks whose rows the sums walk badly from memory are read linearly first:
+    # (32, 56, 56, 256) float32, 1 thread, 40 -> 32 ms; (32, 28, 28, 512) 22 -> 18 ms.
+    cdef bint touch = touches_row_blocks(C, sizeof(data_t))
     if partials == NULL:
         return OUT_OF_MEMORY
     sums = partials + 2 * wave * C

@@ -26,10 +26,10 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
-from bn_loops cimport (chan_merge, combine_row_blocks, touch_lines, cpubn_bfloat16, cpubn_half,
+from bn_loops cimport (chan_merge, combine_row_blocks, cpubn_bfloat16, cpubn_half,
                        cpubn_half_conversions, cpubn_half_init, data_t, floating, new_work,
                        rows_mean_m2, rows_normalize_act, run_mean_m2, run_normalize_act,
-                       shifted, slab_mean_m2, thread_slot, thread_work)
+                       shifted, slab_mean_m2, thread_slot, thread_work, touch_lines)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64,
                      OUT_OF_MEMORY, UNSUPPORTED_TYPES, beta_of, check_dims, check_no_overlap,
                      check_params, check_status, checked_array, data_kind, data_of, gamma_of,
@@ -524,7 +524,7 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     cdef Py_ssize_t blocks = block_count(R, rows)
     cdef Py_ssize_t wave = min(blocks, partials_wave(C))
     cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
-    cdef Py_ssize_t b, b0, nb, t, c, wave_rows, done
+    cdef Py_ssize_t b, b0, nb, t, c, wave_rows
     cdef double merged
     # Block b of a wave: its means at partials[b * C:], its m2 at partials[(wave + b) * C:];
     # then each thread's rows_mean_m2 scratch (2 * C), the wave's combined mean, m2 and
@@ -534,10 +534,8 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
     cdef double* combined
     cdef double* mean
     cdef double* m2
-    # Float32 and float64 blocks whose rows the channel tiles walk badly from memory are
-    # read linearly first (partition.pxd: touches_row_blocks); half-precision blocks are
-    # walked by converted tiles instead.
-    cdef bint touch = sizeof(data_t) >= 4 and touches_row_blocks(C * sizeof(data_t))
+    # Blocks whose rows the channel tiles walk badly from memory are read linearly first.
+    cdef bint touch = touches_row_blocks(C, sizeof(data_t))
     if partials == NULL:
         return OUT_OF_MEMORY
     thread_scratch = partials + 2 * wave * C
@@ -566,13 +564,13 @@ cdef int stats_nhwc(const data_t* x, double eps, double* stats, Py_ssize_t R, Py
                 combine_row_blocks(partials, partials + wave * C, nb, C, rows, wave_rows,
                                    t * COMBINE_TILE, min(C, (t + 1) * COMBINE_TILE),
                                    combined, combined + C, combined + 2 * C)
-        done = b0 * rows                        # rows already in the running statistics
-        for c in range(C):
-            if done == 0:
+        if b0 == 0:                             # the first wave: its statistics as they are
+            for c in range(C):
                 mean[c] = combined[c]
                 m2[c] = combined[C + c]
-            else:
-                merged = <double>done
+        else:
+            for c in range(C):
+                merged = <double>(b0 * rows)    # rows already in the running statistics
                 chan_merge(&merged, &mean[c], &m2[c], <double>wave_rows, combined[c],
                            combined[C + c])
         b0 += nb

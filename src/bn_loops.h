@@ -242,8 +242,9 @@ static void cpubn_invalid_type_pair(void)
  * (the float32 loops' mean_m2_grouped, grad_sums_grouped and rows_mean_m2, and the
  * half-precision rows_mean_m2, which must give the float32 bits).  `n` rows of `width`
  * float columns (row r at a + r * stride; grouped_pivot_sums: stride = width), all within
- * one group of at most CPUBN_GROUP rows, are summed per column in float into the group sums `sum` and `sq`, which `first`
- * resets before and `last` adds into the double accumulators `acc` and `acc_sq` after:
+ * one group of at most CPUBN_GROUP rows, are summed per column in float into the group
+ * sums `sum` and `sq`, which `first` resets before and `last` adds into the double
+ * accumulators `acc` and `acc_sq` after:
  *   CPUBN_SUM_VALUES      sum += a                     (sq, acc_sq, pivot, b unused)
  *   CPUBN_SUM_DEVIATIONS  d = a - pivot; sum += d; sq += d * d             (b unused)
  *   CPUBN_SUM_GRADIENTS   sum += a; sq += a * (b - pivot)            (a: dy, b: x)

@@ -79,9 +79,10 @@ cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil
     return (R + rows - 1) // rows
 
 
-cdef inline bint touches_row_blocks(Py_ssize_t row_bytes) noexcept nogil:
+cdef inline bint touches_row_blocks(Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
     # Whether the channels-last statistics and gradient sums first read each row block
-    # linearly.  The statistics walk a block in channel tiles of 8 rows (bn_loops.h:
+    # (rows of C values of itemsize bytes) linearly.  Only float32 and float64: the
+    # half-precision loops walk blocks through converted tiles instead.  The statistics walk a block in channel tiles of 8 rows (bn_loops.h:
     # CPUBN_ROW_TILE).  From memory that order reads well when a row is short (a group of
     # rows is one linear piece) or a whole page (each row one linear stream), and badly in
     # between, where each page is visited at a stride of a row, a tile's width at a time:
@@ -91,7 +92,7 @@ cdef inline bint touches_row_blocks(Py_ssize_t row_bytes) noexcept nogil:
     # 512 B and 2 KiB (2 threads: 1.5-1.9x at 512 B and 1 KiB); outside, the touch cost
     # 5-25%, so those blocks are not touched.  The gradient sums (whole rows of dy and x)
     # gain 8-19% from the touch at rows of 512 B to 2 KiB and lose 3-10% at 256 B and 4 KiB.
-    return 256 < row_bytes < 4096
+    return itemsize >= 4 and 256 < C * itemsize < 4096
 
 
 cdef inline Py_ssize_t block_rows(Py_ssize_t R, Py_ssize_t rows, Py_ssize_t b) noexcept nogil:
