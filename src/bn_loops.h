@@ -123,6 +123,9 @@ CPUBN_INLINE void touch_lines(const void *x, size_t bytes)
  * a block of at most CPUBN_SLAB_MAX_WIDTH channels per call (partition.pxd: slab_*). */
 #define CPUBN_SLAB_MAX_RUN 1024
 #define CPUBN_SLAB_MAX_WIDTH 64
+/* A slab takes about this many contiguous values of each batch item (a "piece": width
+ * channels of S values; at most this many, as S <= CPUBN_SLAB_MAX_RUN gives width >= 4). */
+#define CPUBN_SLAB_PIECE 4096
 
 /* Per-thread scratch of the loops (`float *work`), in floats: what the largest user,
  * run_masked_grad_sums of half-precision data, takes (two reduction tiles and a mask
@@ -306,24 +309,34 @@ CPUBN_INLINE void grouped_pivot_sums(int kind, const float *a, const float *b, p
                           acc_sq);
 }
 
-/* The grouped-pivot sums of one group of n <= CPUBN_GROUP rows of C channels (row r at
- * x + r * C), channel tile after channel tile (CPUBN_ROW_TILE): each channel sees the
- * additions of one whole-row grouped_pivot_sums call, in the same order, so the bits are
- * the same; but a tile's group sums stay in vector registers over the group's rows.
- * pivot and acc_sq: unused (may be NULL) for CPUBN_SUM_VALUES. */
-CPUBN_INLINE void row_group_pivot_sums(int kind, const float *x, ptrdiff_t n, ptrdiff_t C,
-                                       const float *pivot, double *acc, double *acc_sq)
+/* The grouped-pivot sums of one group of n <= CPUBN_GROUP rows of `width` columns (row r
+ * at a + r * stride, and b + r * stride for CPUBN_SUM_GRADIENTS), column tile after column
+ * tile (CPUBN_ROW_TILE): each column sees the additions of one whole-row
+ * grouped_pivot_sums call, in the same order, so the bits are the same; but a tile's group
+ * sums stay in vector registers over the group's rows.  pivot and acc_sq: unused (may be
+ * NULL) for CPUBN_SUM_VALUES; b: NULL unless CPUBN_SUM_GRADIENTS. */
+CPUBN_INLINE void strided_group_pivot_sums(int kind, const float *a, const float *b,
+                                           ptrdiff_t stride, ptrdiff_t n, ptrdiff_t width,
+                                           const float *pivot, double *acc, double *acc_sq)
 {
     float sum[CPUBN_ROW_TILE], sq[CPUBN_ROW_TILE];
     int values = kind == CPUBN_SUM_VALUES;
     ptrdiff_t c0 = 0;
-    for (; c0 + CPUBN_ROW_TILE <= C; c0 += CPUBN_ROW_TILE)
-        grouped_pivot_sums_at(kind, x + c0, NULL, C, n, CPUBN_ROW_TILE,
+    for (; c0 + CPUBN_ROW_TILE <= width; c0 += CPUBN_ROW_TILE)
+        grouped_pivot_sums_at(kind, a + c0, b == NULL ? NULL : b + c0, stride, n,
+                              CPUBN_ROW_TILE, values ? NULL : pivot + c0, 1, 1, sum, sq,
+                              acc + c0, values ? NULL : acc_sq + c0);
+    if (c0 < width)
+        grouped_pivot_sums_at(kind, a + c0, b == NULL ? NULL : b + c0, stride, n, width - c0,
                               values ? NULL : pivot + c0, 1, 1, sum, sq, acc + c0,
                               values ? NULL : acc_sq + c0);
-    if (c0 < C)
-        grouped_pivot_sums_at(kind, x + c0, NULL, C, n, C - c0, values ? NULL : pivot + c0,
-                              1, 1, sum, sq, acc + c0, values ? NULL : acc_sq + c0);
+}
+
+/* The channels-last case: a group of n rows of C channels, row r at x + r * C. */
+CPUBN_INLINE void row_group_pivot_sums(int kind, const float *x, ptrdiff_t n, ptrdiff_t C,
+                                       const float *pivot, double *acc, double *acc_sq)
+{
+    strided_group_pivot_sums(kind, x, NULL, C, n, C, pivot, acc, acc_sq);
 }
 
 /* The float32 and float64 loops (generated from bn_loops_float.h.tp). */

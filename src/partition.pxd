@@ -14,6 +14,8 @@ cdef extern from "bn_loops.h":
     # slab kernels, at most SLAB_MAX_WIDTH channels per slab (bn_loops_slab.h.tp).
     enum: SLAB_MAX_RUN "CPUBN_SLAB_MAX_RUN"
     enum: SLAB_MAX_WIDTH "CPUBN_SLAB_MAX_WIDTH"
+    # A slab takes about SLAB_PIECE_ELEMS contiguous values of each of its batch items.
+    enum: SLAB_PIECE_ELEMS "CPUBN_SLAB_PIECE"
 
 
 cdef enum:
@@ -52,7 +54,6 @@ cdef enum:
     # whose partials are merged per channel in batch order before a second pass.
     SLAB_FUSED_ELEMS = 1 << 18
     SLAB_ELEMS = 1 << 16
-    SLAB_PIECE_ELEMS = 4096
 
 
 cdef inline Py_ssize_t chunks_per_run(Py_ssize_t S) noexcept nogil:
@@ -142,7 +143,8 @@ cdef inline bint uses_slabs(Py_ssize_t S) noexcept nogil:
 
 
 cdef inline Py_ssize_t slab_width(Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    # About SLAB_PIECE_ELEMS contiguous values per batch item.
+    # At most SLAB_PIECE_ELEMS contiguous values per batch item (the size of the slab
+    # loops' per-thread column sums).  S <= SLAB_MAX_RUN leaves at least 4 channels.
     cdef Py_ssize_t width = SLAB_PIECE_ELEMS // S
     if width < 1:
         width = 1

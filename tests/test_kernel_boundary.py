@@ -243,12 +243,15 @@ def test_running_stats_update_is_the_float64_blend():
                                    rtol=2 * np.finfo(dtype).eps, atol=0)
 
 
-def test_split_path_waves_match_one_wave():
-    # The channels-first split path folds its partials a wave of batch items at a time
-    # (partition.pxd: SPLIT_WAVE_ITEMS work items per wave; this shape takes 3 waves).
-    # The waves must not change the contract: the same bits on 1 and 2 threads, and the
-    # float64 reference's statistics and gradient sums.  (tools/bitwise_snapshot.py
-    # checks that they are the bits of the single-wave build.)
+def test_many_short_runs_keep_the_contract():
+    # 300000 batch items of two 3-value runs: the slab kernels (S <= 1024), in 28 batch
+    # tiles whose partials are merged per channel.  (The split path's waves, partition.pxd:
+    # split_wave, start only past 2^18 runs of more than 1024 values, gigabytes: too large
+    # for a test.)  The contract: the same bits on 1 and 2 threads, and the float64
+    # reference's statistics and gradient sums to the accuracy the README's Numerics
+    # section states (the mean to 1e-12 relative plus 1e-9 of the channel's spread; the
+    # variance from float32 group sums of 8 squared deviations, each rounded to float32,
+    # whose errors average out over the groups: here about 4e-10 relative).
     import cpubn
     rng = np.random.default_rng(3)
     x = (5 + rng.standard_normal((300000, 2, 3))).astype(np.float32)   # 3 waves
@@ -262,9 +265,10 @@ def test_split_path_waves_match_one_wave():
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
     x64 = x.astype(np.float64)
-    np.testing.assert_allclose(results[0][1], x64.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(results[0][1], x64.mean(axis=(0, 2)), rtol=1e-12,
+                               atol=1e-9 * x64.std(axis=(0, 2)).max())
     np.testing.assert_allclose(results[0][2], 1 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5),
-                               rtol=1e-10)
+                               rtol=1e-8)
     np.testing.assert_allclose(results[0][5], dy.astype(np.float64).sum(axis=(0, 2)),
                                rtol=1e-6, atol=1e-6)
 
