@@ -80,6 +80,9 @@ LOOPS = [
     ("slab_input_grad", "const T* dy, const T* x, T* dx, Py_ssize_t items, Py_ssize_t C, "
                         "Py_ssize_t S, Py_ssize_t width, const F* k, const F* a, "
                         "const F* mean_hi, const F* b, int training, float* work"),
+    ("slab_normalize", "const T* x, const T* r, T* y, Py_ssize_t items, Py_ssize_t C, "
+                       "Py_ssize_t S, Py_ssize_t width, const F* mean_hi, const F* scale, "
+                       "const F* shift, int relu, int stream, float* work"),
 ]
 
 

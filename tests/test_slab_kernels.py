@@ -158,6 +158,45 @@ def test_slab_fused_relu_residual(rng, shape):
     assert bitwise_equal(dx, plain.backward(g))
 
 
+# Maps whose normalization takes slab_normalize's pieces (a batch item's runs of up to
+# 16384 // S channels): more channels than one piece, fewer, one run per piece, batch 1.
+PIECE_SHAPES = [(4, 400, 7, 7), (3, 33, 14, 14), (2, 5, 1, 3), (2, 3, 32, 32), (1, 90, 14, 14)]
+
+
+@pytest.mark.parametrize("shape", PIECE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64] + HALF,
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("activation,use_residual", [(None, False), ("relu", False),
+                                                     ("relu", True)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_slab_eval_gives_the_channels_last_bits(rng, shape, dtype, activation, use_residual,
+                                                n_threads):
+    # Eval is the same element-wise arithmetic in both layouts, computed by independent
+    # loops (the channels-first pieces, the channels-last rows): the bits must agree, in
+    # place too.
+    C = shape[1]
+    x = make_x(rng, shape, dtype)
+    r = rng.standard_normal(shape).astype(dtype) if use_residual else None
+    first = cpubn.BatchNorm(C, activation=activation)
+    first.weight[...] = rng.uniform(0.5, 1.5, C)
+    first.bias[...] = rng.uniform(-1, 1, C)
+    first.running_mean[...] = rng.uniform(-1, 1, C)
+    first.running_var[...] = rng.uniform(0.5, 2.0, C)
+    first.eval()
+    last = cpubn.BatchNorm(C, axis=-1, activation=activation)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(last, name)[...] = getattr(first, name)
+    last.eval()
+    to_last = lambda a: np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    with cpubn.threads(n_threads):
+        y = first(x, residual=r)
+        y_last = last(to_last(x), residual=None if r is None else to_last(r))
+        x_in = x.copy()
+        first(x_in, out=x_in, residual=r)
+    assert bitwise_equal(to_last(y), y_last)
+    assert bitwise_equal(x_in, y)
+
+
 def test_slab_boundary_run_lengths_agree_with_the_reference(rng):
     # 1024 takes the slab kernels, 1025 the per-run ones: both against the reference.
     for S in (1024, 1025):
