@@ -16,9 +16,10 @@ from ._layout import Layout, plan
 from ._validation import is_half
 
 
-# Outputs at least this large are written with non-temporal stores: they would not fit
-# in the caches anyway, and streaming saves reading every output line before writing it.
-# Smaller outputs are left in cache, where the next layer finds them.
+# Channels-first outputs at least this large are written with non-temporal stores by
+# the training and backward kernels: they would not fit in the caches anyway, and
+# streaming saves reading every output line before writing it.  Smaller outputs are left
+# in cache, where the next layer finds them.  (_output says which calls stream.)
 STREAM_MIN_BYTES = 16 << 20
 
 # What a backward returns: (dx, grads, dresidual), see backward.
@@ -71,8 +72,17 @@ def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
     pass took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads, calls
     alternated, both layouts; one case 1.05x, as much as the sub-16 MiB control moved),
     on this project's AMD EPYC VM; an earlier Intel VM measured no gain from streaming in
-    eval either.  Training and backward stream: there ordinary stores measured 0.8-1.1x,
-    no consistent gain."""
+    eval either.
+
+    Channels-last rows (S == 1) are written with ordinary stores too: their second pass
+    reads x (and dy) back from memory, and streaming measured slower there: the training
+    forward and backward with ordinary stores took 0.78-0.98x the time on (32, 64, 56,
+    56), (32, 1024, 14, 14) and (32, 2048, 14, 14) channels-last, 0.92-1.02x on (32, 256,
+    56, 56) (2 threads, calls alternated in one process, three rounds), 0.79-0.94x at 1
+    thread.  Channels-first training and backward stream: their channel blocks are
+    normalized from cache, and ordinary stores measured 0.95-1.36x the time there ((32,
+    64, 56, 56) training 1.30-1.36x)."""
+    may_stream = may_stream and layout.kernel_dims[2] > 1
     if out is not None:
         dense = layout.dense_or_none(out)
         if dense is not None:

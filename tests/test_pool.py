@@ -118,11 +118,14 @@ def test_the_pool_keeps_at_most_its_limit():
     assert _pool.unused_pooled_bytes() <= limit
 
 
-def test_stores_streaming_only_in_training_and_backward(rng, monkeypatch):
-    # Outputs of 16 MiB and more are written with streaming stores by the two-pass
-    # training and backward kernels; eval writes them with ordinary stores (measured faster
-    # for its single pass: cpubn/_dispatch.py).  The results are the same either way, so
-    # this checks the flag the kernels are handed.
+@pytest.mark.parametrize("axis, streams", [(1, True), (-1, False)],
+                         ids=["channels-first", "channels-last"])
+def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monkeypatch,
+                                                                        axis, streams):
+    # Channels-first outputs of 16 MiB and more are written with streaming stores by the
+    # training and backward kernels; eval, and channels-last rows, write them with
+    # ordinary stores (measured faster there: cpubn/_dispatch.py _output).  The results
+    # are the same either way, so this checks the flag the kernels are handed.
     from cpubn import _backward, _forward
     handed = {}
 
@@ -138,10 +141,12 @@ def test_stores_streaming_only_in_training_and_backward(rng, monkeypatch):
     spy(_forward, "forward_eval", 12)
     spy(_backward, "backward", 11)
     x = _large(rng)
-    bn = cpubn.BatchNorm(8, dtype=np.float64)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    bn = cpubn.BatchNorm(8, dtype=np.float64, axis=axis)
     out = np.empty_like(x)
     bn(x, out=out)
     bn.backward(x, out=np.empty_like(x))
     bn.eval()
     bn(x, out=out)
-    assert handed == {"forward_train": True, "backward": True, "forward_eval": False}
+    assert handed == {"forward_train": streams, "backward": streams, "forward_eval": False}
