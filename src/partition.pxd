@@ -83,8 +83,9 @@ cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil
 cdef inline bint touches_row_blocks(Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
     # Whether the channels-last statistics and gradient sums first read each row block
     # (rows of C values of itemsize bytes) linearly.  Only float32 and float64: the
-    # half-precision loops walk blocks through converted tiles instead.  The statistics walk a block in channel tiles of 8 rows (bn_loops.h:
-    # CPUBN_ROW_TILE).  From memory that order reads well when a row is short (a group of
+    # half-precision loops walk blocks through converted tiles instead.  The statistics
+    # walk a block in channel tiles over groups of 8 rows (bn_loops.h: CPUBN_ROW_TILE,
+    # CPUBN_GROUP).  From memory that order reads well when a row is short (a group of
     # rows is one linear piece) or a whole page (each row one linear stream), and badly in
     # between, where each page is visited at a stride of a row, a tile's width at a time:
     # batch_stats on 100 MiB, 1 thread, ran at 5-10 GB/s for rows of 400 B to 3 KiB
