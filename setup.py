@@ -197,7 +197,8 @@ extensions = [
         [source],
         include_dirs=["src", np.get_include()],
         depends=["src/bn_loops.h", "src/bn_loops_float.h", "src/bn_loops_half.h",
-                 "src/bn_loops_half_loops.h", "src/bn_loops_slab.h", "src/omp_shim.h"],
+                 "src/bn_loops_half_loops.h", "src/bn_loops_slab.h", "src/omp_shim.h",
+                 "src/simd_dispatch.h"],
         # Compiled against NumPy 2.0's C API: no API deprecated by 2.0, and modules that
         # load on every NumPy >= 2.0 (the runtime dependency), whatever NumPy builds them.
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),

@@ -27,12 +27,7 @@
 #include <math.h>
 #include <stddef.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
-    && !defined(CPUBN_NO_CLONES) && !defined(__AVX512F__)
-#define CPUBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CPUBN_CLONES
-#endif
+#include "simd_dispatch.h"     /* CPUBN_CLONES */
 
 #if defined(_MSC_VER)
 #define CPUBN_RESTRICT __restrict

@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 
-from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
-                      time_groups, torch_view)
+from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, machine_label,
+                      run_sweep, time_groups, torch_view)
 from .plot import matplotlib_missing, save_ratio_plot, sweep_bars
 from .report import format_sweep
 
@@ -177,8 +177,7 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
 def format_report(report):
     m, cfg = report["machine"], report["config"]
     results = report["results"]
-    header = (f"cpubn {m['cpubn']} fused BN+ReLU bench on {m['cpu']} ({m['usable_cpus']} "
-              f"usable CPUs); numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
+    header = (f"cpubn {m['cpubn']} fused BN+ReLU bench on {machine_label(m)}; numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
               f"{cfg['dtype']}; medians of up to {cfg['repeats']} interleaved repeats")
     peers = [p for p in PEERS if any(p in r["median_ms"] for r in results)]
     ratio_names = [f"{a}/{b}" for a, b in RATIOS if any(f"{a}/{b}" in r["ratios"] for r in results)]

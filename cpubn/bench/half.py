@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, run_sweep,
-                      time_groups, torch_view)
+from .harness import (EPS, MOMENTUM, add_sweep_options, layout_axis, layout_shape, machine_label,
+                      run_sweep, time_groups, torch_view)
 from .plot import matplotlib_missing, save_ratio_plot, sweep_bars
 from .report import format_sweep
 
@@ -127,8 +127,7 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
 def format_report(report):
     m, cfg = report["machine"], report["config"]
     results = report["results"]
-    header = (f"cpubn {m['cpubn']} half-precision bench on {m['cpu']} ({m['usable_cpus']} "
-              f"usable CPUs); numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; "
+    header = (f"cpubn {m['cpubn']} half-precision bench on {machine_label(m)}; numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; "
               f"dtypes {', '.join(cfg['dtypes'])} (float32 parameters); medians of up to "
               f"{cfg['repeats']} interleaved repeats")
     peers = list(dict.fromkeys(k for r in results for k in r["median_ms"]))

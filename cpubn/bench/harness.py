@@ -355,6 +355,64 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _data_caches(root="/sys/devices/system/cpu/cpu0/cache"):
+    """Sizes in bytes of the data caches CPU 0 sees, by level ({"L1": 32768, "L2": ...}),
+    from Linux's sysfs; {} where it cannot be read.  The bench's ratios depend on them: a
+    tensor that fits in the last level is copied at cache speed."""
+    caches = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return caches
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(root, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(root, entry, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (ValueError, IndexError):
+            continue
+        caches[f"L{level}"] = nbytes
+    return caches
+
+
+def _kernel_isa(cpubn):
+    try:
+        return cpubn._threads.kernel_isa()
+    except Exception:
+        return None
+
+
+def _size_label(nbytes):
+    if nbytes % (1 << 20) == 0:
+        return f"{nbytes >> 20} MiB"
+    return f"{nbytes >> 10} KiB"
+
+
+def machine_label(m):
+    """'AMD EPYC (2 usable CPUs; avx2 kernels; L2 512 KiB, L3 8 MiB)': the CPU, and what
+    decides how fast the same kernels run on it, for the reports' first line."""
+    parts = [f"{m['usable_cpus']} usable CPUs"]
+    if m.get("kernels"):
+        parts.append(f"{m['kernels']} kernels")
+    caches = m.get("caches") or {}
+    sizes = [f"{level} {_size_label(caches[level])}" for level in ("L2", "L3") if level in caches]
+    if sizes:
+        parts.append(", ".join(sizes))
+    return f"{m['cpu']} ({'; '.join(parts)})"
+
+
 def machine_info(cpubn, torch):
     affinity = usable_cpus()
     try:
@@ -363,6 +421,8 @@ def machine_info(cpubn, torch):
         openmp = None
     return {
         "cpu": _cpu_model(),
+        "kernels": _kernel_isa(cpubn),
+        "caches": _data_caches(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "platform": platform.platform(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from .harness import LAYOUTS, OPS, shape_label
+from .harness import LAYOUTS, OPS, machine_label, shape_label
 
 
 def format_sweep(header, results, threads, peers, ratio_names, summarized, ops, footer):
@@ -211,7 +211,7 @@ def format_scaling(records, threads):
 def format_report(report):
     m, cfg = report["machine"], report["config"]
     out = [
-        f"cpubn {m['cpubn']} bench on {m['cpu']} ({m['usable_cpus']} usable CPUs), "
+        f"cpubn {m['cpubn']} bench on {machine_label(m)}, "
         f"{m['platform']}",
         f"numpy {m['numpy']}, torch {m['torch'] or 'not installed'}, OpenMP "
         f"{'on' if m['openmp'] else 'off' if m['openmp'] is False else 'unknown'}; "
