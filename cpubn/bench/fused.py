@@ -177,7 +177,8 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
 def format_report(report):
     m, cfg = report["machine"], report["config"]
     results = report["results"]
-    header = (f"cpubn {m['cpubn']} fused BN+ReLU bench on {machine_label(m)}; numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
+    header = (f"cpubn {m['cpubn']} fused BN+ReLU bench on {machine_label(m)}; numpy "
+              f"{m['numpy']}, torch {m['torch'] or 'not installed'}; dtype "
               f"{cfg['dtype']}; medians of up to {cfg['repeats']} interleaved repeats")
     peers = [p for p in PEERS if any(p in r["median_ms"] for r in results)]
     ratio_names = [f"{a}/{b}" for a, b in RATIOS if any(f"{a}/{b}" in r["ratios"] for r in results)]

@@ -127,7 +127,8 @@ def run_case(cpubn, torch, buf, layout, op, n_threads, repeats, budget_s):
 def format_report(report):
     m, cfg = report["machine"], report["config"]
     results = report["results"]
-    header = (f"cpubn {m['cpubn']} half-precision bench on {machine_label(m)}; numpy {m['numpy']}, torch {m['torch'] or 'not installed'}; "
+    header = (f"cpubn {m['cpubn']} half-precision bench on {machine_label(m)}; numpy "
+              f"{m['numpy']}, torch {m['torch'] or 'not installed'}; "
               f"dtypes {', '.join(cfg['dtypes'])} (float32 parameters); medians of up to "
               f"{cfg['repeats']} interleaved repeats")
     peers = list(dict.fromkeys(k for r in results for k in r["median_ms"]))

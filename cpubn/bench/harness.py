@@ -355,6 +355,9 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}     # sysfs cache sizes: "512K"
+
+
 def _data_caches(root="/sys/devices/system/cpu/cpu0/cache"):
     """Sizes in bytes of the data caches CPU 0 sees, by level ({"L1": 32768, "L2": ...}),
     from Linux's sysfs; {} where it cannot be read.  The bench's ratios depend on them: a
@@ -378,9 +381,9 @@ def _data_caches(root="/sys/devices/system/cpu/cpu0/cache"):
             continue
         if kind == "Instruction":
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         try:
-            nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+            nbytes = (int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1] in _SIZE_UNITS
+                      else int(size))
         except (ValueError, IndexError):
             continue
         caches[f"L{level}"] = nbytes
