@@ -6,8 +6,9 @@ dtype (float32, float64, float16 or bfloat16) and N*C*S elements and are C-conti
 is writeable and is dy itself or overlaps neither dy nor x; stats is a contiguous float64
 array holding mean[C] then invstd[C]; weight is None or a contiguous length-C float array
 (float32 for half-precision data); grads is a contiguous float64 array of 2*C elements;
-every channel has at least one element.  Half-precision data is computed in float with
-double sums, like float32 data, and dx is rounded once to the data type.
+every channel has at least one element.  Half-precision data is computed like float32
+data (float arithmetic, sums of groups of float values accumulated in double: the same
+bits), and dx is rounded once to the data type.
 
 With training=True the gradient flows through the batch statistics:
     dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = (x - mean) * invstd
@@ -30,8 +31,8 @@ cimport numpy as cnp
 from bn_loops cimport (cpubn_bfloat16, cpubn_half, cpubn_half_init, data_t, floating,
                        new_work, rows_grad_sums, rows_input_grad, rows_masked_grad_sums,
                        rows_normalize, run_grad_sums, run_input_grad, run_masked_grad_sums,
-                       run_normalize, shifted, slab_grad_sums, slab_input_grad, thread_work,
-                       touch_lines)
+                       run_normalize, shifted, slab_grad_sums, slab_input_grad, thread_slot,
+                       thread_work, touch_lines)
 from params cimport (DATA_BFLOAT16, DATA_FLOAT16, DATA_FLOAT32, DATA_FLOAT64, OUT_OF_MEMORY,
                      UNSUPPORTED_TYPES, check_dims, check_no_overlap, check_params, check_status,
                      checked_array, data_kind, data_of, gamma_of, param_t)
@@ -102,17 +103,20 @@ cdef inline void chunk_grad_sums(const data_t* dy, const data_t* y, const data_t
 cdef inline void block_grad_sums(const data_t* dy, const data_t* y, const data_t* x,
                                  data_t* g, Py_ssize_t offset, Py_ssize_t rows, Py_ssize_t C,
                                  const double* mean, double* sum_dy,
-                                 double* sum_dy_xmu, bint touch, float* work) noexcept nogil:
+                                 double* sum_dy_xmu, bint touch, double* scratch,
+                                 float* work) noexcept nogil:
     # chunk_grad_sums for a block of channels-last rows starting at element offset.  With
     # touch, dy and x are first read linearly (partition.pxd: touches_row_blocks).
+    # scratch: 2 * C doubles of this thread's.
     if touch:
         touch_lines(dy + offset, rows * C * sizeof(data_t))
         touch_lines(x + offset, rows * C * sizeof(data_t))
     if g == NULL:
-        rows_grad_sums(dy + offset, x + offset, rows, C, mean, sum_dy, sum_dy_xmu, work)
+        rows_grad_sums(dy + offset, x + offset, rows, C, mean, sum_dy, sum_dy_xmu, scratch,
+                       work)
     else:
         rows_masked_grad_sums(dy + offset, shifted(y, offset), x + offset, g + offset, rows, C,
-                              mean, sum_dy, sum_dy_xmu, work)
+                              mean, sum_dy, sum_dy_xmu, scratch, work)
 
 
 # ---------------------------------------------------------------- channels-first (N, C, S)
@@ -376,9 +380,11 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     cdef Py_ssize_t tiles = (C + COMBINE_TILE - 1) // COMBINE_TILE
     cdef Py_ssize_t b, b0, nb, t, c
     # Block b of a wave: its sum(dy) at partials[b * C:], its sum(dy * (x - mean)) at
-    # partials[(wave + b) * C:]; then the running sums (2 * C, zeroed).
-    cdef double* partials = <double*>malloc(2 * (wave + 1) * C * sizeof(double))
+    # partials[(wave + b) * C:]; then the running sums (2 * C, zeroed), then each thread's
+    # scratch for the loops (2 * C each).
+    cdef double* partials = <double*>malloc(2 * (wave + 1 + n_threads) * C * sizeof(double))
     cdef double* sums
+    cdef double* thread_scratch
     cdef const data_t* grad = dy if g == NULL else g
     # Blocks whose rows the sums walk badly from memory are read linearly first:
     # (32, 56, 56, 256) float32, 1 thread, 40 -> 32 ms; (32, 28, 28, 512) 22 -> 18 ms.
@@ -386,6 +392,7 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
     if partials == NULL:
         return OUT_OF_MEMORY
     sums = partials + 2 * wave * C
+    thread_scratch = sums + 2 * C
     for c in range(2 * C):
         sums[c] = 0.0
     b0 = 0
@@ -395,11 +402,12 @@ cdef int backward_nhwc(const data_t* dy, const data_t* y, const data_t* x, data_
             for b in range(nb):
                 block_grad_sums(dy, y, x, g, (b0 + b) * rows * C, block_rows(R, rows, b0 + b),
                                 C, stats, partials + b * C, partials + (wave + b) * C, touch,
-                                work)
+                                thread_scratch, work)
         else:
             for b in prange(nb, schedule='dynamic', num_threads=n_threads):
                 block_grad_sums(dy, y, x, g, (b0 + b) * rows * C, block_rows(R, rows, b0 + b),
                                 C, stats, partials + b * C, partials + (wave + b) * C, touch,
+                                thread_scratch + 2 * C * thread_slot(n_threads),
                                 thread_work(work, n_threads))
         if n_threads == 1 or nb * C <= 65536:   # a small combine: serial, no OpenMP region
             add_block_sums(partials, nb, wave, C, 0, C, sums)

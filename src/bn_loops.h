@@ -109,8 +109,8 @@ CPUBN_INLINE int rows_by_quads(int constants, ptrdiff_t C, size_t itemsize)
  * that a tile's accumulators stay in vector registers across the rows (two AVX-512
  * registers of floats, four of doubles).  A loop over whole rows loads and stores every
  * accumulator once per row: at C = 1024 that ran at 6-9 GB/s, a third of a plain read.
- * Tiling keeps each channel's additions in the same order, hence the same bits.  (The
- * backward's gradient sums keep whole rows: see rows_grad_sums_add.) */
+ * Tiling keeps each channel's additions in the same order, hence the same bits.  The
+ * float gradient sums (rows_grad_sums) walk the same tiles. */
 #define CPUBN_ROW_TILE 32
 
 /* Read one byte of every cache line of x[0:bytes], in address order, so that a block
@@ -367,6 +367,54 @@ CPUBN_INLINE void strided_group_pivot_sums(int kind, const float *a, const float
         grouped_pivot_sums_at(kind, a + c0, b == NULL ? NULL : b + c0, stride, n, width - c0,
                               values ? NULL : pivot + c0, 1, 1, sum, sq, acc + c0,
                               values ? NULL : acc_sq + c0);
+}
+
+/* The grouped-pivot sums of a converted tile of the half-precision loops: `tile_rows` rows
+ * (rows r to r + tile_rows of a block of `rows`) of `width` columns, row i at a + i *
+ * width (and b + i * width), passed in pieces that end where the groups of CPUBN_GROUP
+ * rows end.  A tile cuts the rows anywhere; the group sums (sum, sq: the columns' slots in
+ * the caller's scratch) carry a group from tile to tile, so each column sees the
+ * additions of the float32 loop, and the bits are float32 data's. */
+CPUBN_INLINE void tile_group_pivot_sums(int kind, const float *a, const float *b,
+                                        ptrdiff_t r, ptrdiff_t tile_rows, ptrdiff_t rows,
+                                        ptrdiff_t width, const float *pivot, float *sum,
+                                        float *sq, double *acc, double *acc_sq)
+{
+    for (ptrdiff_t i = 0; i < tile_rows;) {
+        ptrdiff_t index = r + i;
+        ptrdiff_t left = CPUBN_GROUP - index % CPUBN_GROUP;
+        ptrdiff_t n = tile_rows - i < left ? tile_rows - i : left;
+        int first = index % CPUBN_GROUP == 0;
+        int last = (index + n) % CPUBN_GROUP == 0 || index + n == rows;
+        grouped_pivot_sums(kind, a + i * width, b == NULL ? NULL : b + i * width, n, width,
+                           pivot, first, last, sum, sq, acc, acc_sq);
+        i += n;
+    }
+}
+
+/* The float gradient sums of channels-last rows (float32 data and the half-precision
+ * tiles, which must give float32's bits): sum(dy) and sum(dy * (x - pivot)) in grouped-
+ * pivot sums with pivot = mean rounded to float, then
+ *   sum(dy * (x - mean)) = sum(dy * (x - pivot)) - (mean - pivot) * sum(dy)
+ * in double (the channels-first grad_sums_grouped does the same per run).
+ * rows_grad_pivots sets the pivots and zeroes the sums; rows_grad_pivot_correction
+ * applies the second line once every group has been added. */
+CPUBN_INLINE void rows_grad_pivots(ptrdiff_t C, const double *mean, float *pivot,
+                                   double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < C; c++) {
+        pivot[c] = (float)mean[c];
+        sum_dy[c] = 0.0;
+        sum_dy_xmu[c] = 0.0;
+    }
+}
+
+CPUBN_INLINE void rows_grad_pivot_correction(ptrdiff_t C, const double *mean,
+                                             const float *pivot, const double *sum_dy,
+                                             double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < C; c++)
+        sum_dy_xmu[c] -= (mean[c] - (double)pivot[c]) * sum_dy[c];
 }
 
 /* The channels-last case: a group of n rows of C channels, row r at x + r * C. */

@@ -63,10 +63,11 @@ LOOPS = [
                              "const F* mean_hi, const F* scale, const F* shift, int relu, "
                              "int stream, float* work"),
     ("rows_grad_sums", "const T* dy, const T* x, Py_ssize_t rows, Py_ssize_t C, "
-                       "const double* mean, double* sum_dy, double* sum_dy_xmu, float* work"),
+                       "const double* mean, double* sum_dy, double* sum_dy_xmu, "
+                       "double* scratch, float* work"),
     ("rows_masked_grad_sums", "const T* dy, const T* y, const T* x, T* g, Py_ssize_t rows, "
                               "Py_ssize_t C, const double* mean, double* sum_g, "
-                              "double* sum_g_xmu, float* work"),
+                              "double* sum_g_xmu, double* scratch, float* work"),
     ("rows_input_grad", "const T* dy, const T* x, T* dx, Py_ssize_t rows, Py_ssize_t C, "
                         "const F* k, const F* a, const F* mean_hi, const F* b, int stream, "
                         "float* work"),

@@ -493,3 +493,25 @@ def test_bench_half_smoke(tmp_path, capsys):
         assert r["ratios"]["cpubn float32/float16"] > 0
     out = capsys.readouterr().out
     assert "median cpubn float32/float16" in out
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_backward_same_result_as_float32_data_of_the_same_values(rng, dtype, activation):
+    # The backward too: dx is float32 data's dx rounded once, and the parameter gradients
+    # are float32 data's, bit for bit, including channels-last rows wider than a
+    # conversion tile ((9, 2500)) and tiles that cut a group of rows ((20, 3, 700)).
+    for shape, axis in LAYOUTS + [((2, 3, 20000), 1), ((9, 2500), -1), ((20, 3, 700), -1),
+                                  ((16, 40, 8, 8), 1), ((4, 9, 7, 70), -1)]:
+        x = make_x(rng, shape, axis=axis).astype(as_dtype(dtype))
+        dy = rng.standard_normal(shape).astype(as_dtype(dtype))
+        half = cpubn.BatchNorm(shape[axis], axis=axis, activation=activation)
+        single = cpubn.BatchNorm(shape[axis], axis=axis, activation=activation)
+        half(x)
+        single(x.astype(np.float32))
+        dx = half.backward(dy)
+        dx32 = single.backward(dy.astype(np.float32))
+        np.testing.assert_array_equal(dx.view(np.uint16), dx32.astype(x.dtype).view(np.uint16),
+                                      err_msg=f"{shape} axis {axis}")
+        np.testing.assert_array_equal(half.grad_weight, single.grad_weight)
+        np.testing.assert_array_equal(half.grad_bias, single.grad_bias)
