@@ -11,16 +11,35 @@ from numpy.typing import NDArray
 # must happen before the kernel modules (linked against the runtime) are imported.
 from ._thread_control import threads_for  # isort: skip
 from . import _backward, _forward, _pool
+from ._machine import data_caches, last_level_cache_bytes
 from ._overflow import all_finite, redo_backward_sums, redo_forward_statistics
 from ._layout import Layout, plan
 from ._validation import is_half
 
 
-# Channels-first outputs at least this large are written with non-temporal stores by
-# the training and backward kernels: they would not fit in the caches anyway, and
-# streaming saves reading every output line before writing it.  Smaller outputs are left
-# in cache, where the next layer finds them.  (_output says which calls stream.)
-STREAM_MIN_BYTES = 16 << 20
+# Results at least this large come from cpubn._pool (recycled, already-mapped memory).
+POOL_MIN_BYTES = 16 << 20
+
+
+def stream_min_bytes(last_level_cache: int) -> int:
+    """The smallest output the channels-first training and backward kernels write with
+    non-temporal stores, for a last-level cache of that many bytes (0: unknown).
+
+    Streaming saves reading every output line before writing it, when the output would
+    not stay in the caches anyway; but an output still in the last-level cache, dirty
+    from its previous use (an `out=` buffer written again, a recycled pool block), is
+    written back and evicted line by line first, and streaming then costs more than it
+    saves.  16 MiB was measured on hosts whose last level holds 8-32 MiB.  On a host
+    reporting a 480 MiB L3 (a share of it per core, and other tenants), streaming into a
+    buffer just written took 1.5-1.7x the time of ordinary stores at 25 MB and 1.2-1.5x
+    at 51 MB, and 0.96-1.04x into a clean one; at 103 MB streaming was faster either way
+    (ordinary stores 1.0-1.3x its time).  An eighth of the last level falls between."""
+    return max(16 << 20, last_level_cache // 8)
+
+
+# Channels-first training and backward outputs at least this large are written with
+# non-temporal stores (_output says which calls stream).
+STREAM_MIN_BYTES = stream_min_bytes(last_level_cache_bytes(data_caches()))
 
 # What a backward returns: (dx, grads, dresidual), see backward.
 BackwardResult = tuple[NDArray[Any], NDArray[np.float64], NDArray[Any] | None]
@@ -61,12 +80,13 @@ def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
     With an `out` whose memory order differs from the input's, the buffer is a temporary,
     copied into out by _finish.
 
-    A buffer of at least STREAM_MIN_BYTES comes from cpubn._pool (recycled memory, an
-    ordinary array whose base is its pool block) and, when the kernel may_stream, is
-    written with streaming stores when its memory is already mapped (out, or a reused
-    block): they save reading every line before it is written.  Fresh memory is written
-    with ordinary stores instead, which find the lines its page faults have just zeroed
-    still in cache (streaming over them measured 1.4x slower at 2 threads on 100 MB).
+    A buffer of at least POOL_MIN_BYTES comes from cpubn._pool (recycled memory, an
+    ordinary array whose base is its pool block).  When the kernel may_stream, a buffer
+    of at least STREAM_MIN_BYTES is written with streaming stores when its memory is
+    already mapped (out, or a reused block): they save reading every line before it is
+    written.  Fresh memory is written with ordinary stores instead, which find the lines
+    its page faults have just zeroed still in cache (streaming over them measured 1.4x
+    slower at 2 threads on 100 MB).
 
     Eval (may_stream False) always writes with ordinary stores: with them its single
     pass took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads, calls
@@ -87,9 +107,9 @@ def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
         dense = layout.dense_or_none(out)
         if dense is not None:
             return dense, may_stream and dense.nbytes >= STREAM_MIN_BYTES
-    if layout.size * dtype.itemsize >= STREAM_MIN_BYTES:
+    if layout.size * dtype.itemsize >= POOL_MIN_BYTES:
         buffer, fresh = _pool.empty(layout.dense_shape, dtype)
-        return buffer, may_stream and not fresh
+        return buffer, may_stream and not fresh and buffer.nbytes >= STREAM_MIN_BYTES
     return layout.new_dense(dtype), False
 
 

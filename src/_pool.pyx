@@ -4,7 +4,7 @@ A new output buffer is fresh memory: the operating system zeroes every page as i
 written, which on the development VM costs about as much as the normalization itself
 (filling fresh 100 MB took 25 ms, the same fill again 13 ms), so an allocating call took
 2-2.6x the time of one writing into a preallocated `out`.  Results of at least
-cpubn._dispatch.STREAM_MIN_BYTES are therefore placed in blocks from this pool: an ordinary
+cpubn._dispatch.POOL_MIN_BYTES are therefore placed in blocks from this pool: an ordinary
 NumPy array whose `base` is the block.  When the last reference to the array (its views
 included) goes, the block's memory is kept here instead of being given back to the
 system, and the next result of the same byte size reuses it, already mapped.  The memory

@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from cpubn import _threads
+from cpubn import _machine, _threads
 from cpubn.bench import cli, harness
 
 
@@ -49,7 +49,7 @@ def test_data_caches_read_from_sysfs(tmp_path):
     fake_cache(tmp_path, 2, 2, "Unified", "512K")
     fake_cache(tmp_path, 3, 3, "Unified", "8192K")
     write(tmp_path / "uevent", "")
-    assert harness._data_caches(str(tmp_path)) == {"L1": 32 << 10, "L2": 512 << 10,
+    assert _machine.data_caches(str(tmp_path)) == {"L1": 32 << 10, "L2": 512 << 10,
                                                    "L3": 8 << 20}
 
 
@@ -57,8 +57,15 @@ def test_data_caches_skip_what_they_cannot_read(tmp_path):
     fake_cache(tmp_path, 0, 1, "Data", "48K")
     fake_cache(tmp_path, 2, 2, "Unified", "lots")          # unparsable size
     write(tmp_path / "index3" / "level", "3")              # no type, no size
-    assert harness._data_caches(str(tmp_path)) == {"L1": 48 << 10}
-    assert harness._data_caches(str(tmp_path / "missing")) == {}
+    assert _machine.data_caches(str(tmp_path)) == {"L1": 48 << 10}
+    assert _machine.data_caches(str(tmp_path / "missing")) == {}
+
+
+def test_last_level_cache_is_the_highest_level_known():
+    assert _machine.last_level_cache_bytes({"L1": 32 << 10, "L2": 512 << 10,
+                                            "L3": 8 << 20}) == 8 << 20
+    assert _machine.last_level_cache_bytes({"L1": 48 << 10, "L2": 2 << 20}) == 2 << 20
+    assert _machine.last_level_cache_bytes({}) == 0
 
 
 def test_machine_label():
@@ -75,7 +82,7 @@ def test_machine_info_records_kernels_and_caches():
     import cpubn
     m = harness.machine_info(cpubn, None)
     assert m["kernels"] == _threads.kernel_isa()
-    assert m["caches"] == harness._data_caches()
+    assert m["caches"] == _machine.data_caches()
 
 
 def test_bench_header_names_the_kernels(tmp_path, capsys):

@@ -14,7 +14,7 @@ import reference as ref
 from bn_testing import assert_close, make_x
 
 LARGE = (2, 8, 512, 256)          # 2M float32 values: 8 MiB...
-assert np.prod(LARGE) * 8 >= _dispatch.STREAM_MIN_BYTES   # ...16 MiB in float64
+assert np.prod(LARGE) * 8 >= _dispatch.POOL_MIN_BYTES     # ...16 MiB in float64
 
 
 def _large(rng):
@@ -122,11 +122,13 @@ def test_the_pool_keeps_at_most_its_limit():
                          ids=["channels-first", "channels-last"])
 def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monkeypatch,
                                                                         axis, streams):
-    # Channels-first outputs of 16 MiB and more are written with streaming stores by the
-    # training and backward kernels; eval, and channels-last rows, write them with
-    # ordinary stores (measured faster there: cpubn/_dispatch.py _output).  The results
-    # are the same either way, so this checks the flag the kernels are handed.
+    # Channels-first outputs of STREAM_MIN_BYTES and more (16 MiB on a host whose last
+    # cache level is at most 128 MiB) are written with streaming stores by the training
+    # and backward kernels; eval, and channels-last rows, write them with ordinary stores
+    # (measured faster there: cpubn/_dispatch.py _output).  The results are the same
+    # either way, so this checks the flag the kernels are handed.
     from cpubn import _backward, _forward
+    monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", 16 << 20)
     handed = {}
 
     def spy(module, name, index):
@@ -150,3 +152,34 @@ def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monk
     bn.eval()
     bn(x, out=out)
     assert handed == {"forward_train": streams, "backward": streams, "forward_eval": False}
+
+
+def test_outputs_that_may_stay_in_the_last_level_cache_are_not_streamed(rng, monkeypatch):
+    # Below STREAM_MIN_BYTES (an eighth of the last level, at least 16 MiB) the kernels
+    # are handed ordinary stores, for out= and for recycled blocks alike.
+    from cpubn import _forward
+    handed = []
+    kernel = _forward.forward_train
+
+    def call(*args):
+        handed.append(args[10])
+        return kernel(*args)
+    monkeypatch.setattr(_forward, "forward_train", call)
+    x = _large(rng)                                            # 16 MiB
+    bn = cpubn.BatchNorm(8, dtype=np.float64)
+    monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", x.nbytes + 1)
+    out = np.empty_like(x)
+    bn(x, out=out)
+    del out
+    y = bn(x)                                                  # fresh: never streamed
+    del y
+    bn(x)                                                      # a recycled block
+    monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", x.nbytes)
+    bn(x, out=np.empty_like(x))
+    assert handed == [False, False, False, True]
+
+
+def test_stream_threshold_follows_the_last_level_cache():
+    assert _dispatch.stream_min_bytes(0) == 16 << 20           # unknown: the fixed default
+    assert _dispatch.stream_min_bytes(32 << 20) == 16 << 20
+    assert _dispatch.stream_min_bytes(480 << 20) == 60 << 20

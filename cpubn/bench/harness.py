@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from .._machine import data_caches
 from .._thread_control import usable_cpus
 
 # Shapes are given in NCHW notation (N, C, *spatial); layout 'nhwc' moves C last.
@@ -355,41 +356,6 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}     # sysfs cache sizes: "512K"
-
-
-def _data_caches(root="/sys/devices/system/cpu/cpu0/cache"):
-    """Sizes in bytes of the data caches CPU 0 sees, by level ({"L1": 32768, "L2": ...}),
-    from Linux's sysfs; {} where it cannot be read.  The bench's ratios depend on them: a
-    tensor that fits in the last level is copied at cache speed."""
-    caches = {}
-    try:
-        entries = sorted(os.listdir(root))
-    except OSError:
-        return caches
-    for entry in entries:
-        if not entry.startswith("index"):
-            continue
-        try:
-            with open(os.path.join(root, entry, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(root, entry, "level")) as f:
-                level = int(f.read())
-            with open(os.path.join(root, entry, "size")) as f:
-                size = f.read().strip()
-        except (OSError, ValueError):
-            continue
-        if kind == "Instruction":
-            continue
-        try:
-            nbytes = (int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1] in _SIZE_UNITS
-                      else int(size))
-        except (ValueError, IndexError):
-            continue
-        caches[f"L{level}"] = nbytes
-    return caches
-
-
 def _kernel_isa(cpubn):
     try:
         return cpubn._threads.kernel_isa()
@@ -425,7 +391,7 @@ def machine_info(cpubn, torch):
     return {
         "cpu": _cpu_model(),
         "kernels": _kernel_isa(cpubn),
-        "caches": _data_caches(),
+        "caches": data_caches(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "platform": platform.platform(),
