@@ -92,8 +92,10 @@ cdef inline bint touches_row_blocks(Py_ssize_t C, Py_ssize_t itemsize) noexcept 
     # against 10-16 GB/s outside.  Those blocks are first read linearly (touch_lines) and
     # then walked from L2: 9.5-11.5 GB/s at every row size, 1.1-2.2x faster between
     # 512 B and 2 KiB (2 threads: 1.5-1.9x at 512 B and 1 KiB); outside, the touch cost
-    # 5-25%, so those blocks are not touched.  The gradient sums (whole rows of dy and x)
-    # gain 8-19% from the touch at rows of 512 B to 2 KiB and lose 3-10% at 256 B and 4 KiB.
+    # 5-25%, so those blocks are not touched.  The gradient sums, when they still walked
+    # whole rows of dy and x in double, gained 8-19% from the touch at rows of 512 B to
+    # 2 KiB and lost 3-10% at 256 B and 4 KiB; float data's now walk the statistics'
+    # channel tiles (float64's still whole rows).
     return itemsize >= 4 and 256 < C * itemsize < 4096
 
 
