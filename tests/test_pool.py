@@ -118,6 +118,26 @@ def test_the_pool_keeps_at_most_its_limit():
     assert _pool.unused_pooled_bytes() <= limit
 
 
+def spy_stream_flags(monkeypatch):
+    """Wrap the output kernels so that each call records the `stream` flag it is handed:
+    kernel name -> the flags of its calls, in order."""
+    from cpubn import _backward, _forward
+    handed = {}
+
+    def spy(module, name, index):
+        kernel = getattr(module, name)
+
+        def call(*args):
+            handed.setdefault(name, []).append(args[index])
+            return kernel(*args)
+        monkeypatch.setattr(module, name, call)
+
+    spy(_forward, "forward_train", 10)
+    spy(_forward, "forward_eval", 12)
+    spy(_backward, "backward", 11)
+    return handed
+
+
 @pytest.mark.parametrize("axis, streams", [(1, True), (-1, False)],
                          ids=["channels-first", "channels-last"])
 def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monkeypatch,
@@ -127,21 +147,8 @@ def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monk
     # and backward kernels; eval, and channels-last rows, write them with ordinary stores
     # (measured faster there: cpubn/_dispatch.py _output).  The results are the same
     # either way, so this checks the flag the kernels are handed.
-    from cpubn import _backward, _forward
     monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", 16 << 20)
-    handed = {}
-
-    def spy(module, name, index):
-        kernel = getattr(module, name)
-
-        def call(*args):
-            handed[name] = args[index]
-            return kernel(*args)
-        monkeypatch.setattr(module, name, call)
-
-    spy(_forward, "forward_train", 10)
-    spy(_forward, "forward_eval", 12)
-    spy(_backward, "backward", 11)
+    handed = spy_stream_flags(monkeypatch)
     x = _large(rng)
     if axis == -1:
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
@@ -151,32 +158,24 @@ def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monk
     bn.backward(x, out=np.empty_like(x))
     bn.eval()
     bn(x, out=out)
-    assert handed == {"forward_train": streams, "backward": streams, "forward_eval": False}
+    assert handed == {"forward_train": [streams], "backward": [streams],
+                      "forward_eval": [False]}
 
 
 def test_outputs_that_may_stay_in_the_last_level_cache_are_not_streamed(rng, monkeypatch):
     # Below STREAM_MIN_BYTES (an eighth of the last level, at least 16 MiB) the kernels
     # are handed ordinary stores, for out= and for recycled blocks alike.
-    from cpubn import _forward
-    handed = []
-    kernel = _forward.forward_train
-
-    def call(*args):
-        handed.append(args[10])
-        return kernel(*args)
-    monkeypatch.setattr(_forward, "forward_train", call)
+    handed = spy_stream_flags(monkeypatch)
     x = _large(rng)                                            # 16 MiB
     bn = cpubn.BatchNorm(8, dtype=np.float64)
     monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", x.nbytes + 1)
-    out = np.empty_like(x)
-    bn(x, out=out)
-    del out
-    y = bn(x)                                                  # fresh: never streamed
+    bn(x, out=np.empty_like(x))
+    y = bn(x)                                                  # pooled (fresh or recycled)
     del y
-    bn(x)                                                      # a recycled block
+    bn(x)                                                      # the block just returned
     monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", x.nbytes)
     bn(x, out=np.empty_like(x))
-    assert handed == [False, False, False, True]
+    assert handed == {"forward_train": [False, False, False, True]}
 
 
 def test_stream_threshold_follows_the_last_level_cache():
