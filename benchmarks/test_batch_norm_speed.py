@@ -13,7 +13,7 @@ runs on one thread anyway). The peers are the ones of ``python -m cpubn bench``
 import numpy as np
 import pytest
 
-from cpubn._thread_control import usable_cpus
+from cpubn._core.machine import usable_cpus
 from cpubn.bench.harness import bytes_moved, layout_shape, layouts_for, ops_for, shape_label
 
 # A representative subset of the command's shape set (NCHW notation): a ResNet

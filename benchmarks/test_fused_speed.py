@@ -12,7 +12,7 @@ at all usable CPUs.  No timing is asserted: compare the group tables.
 import numpy as np
 import pytest
 
-from cpubn._thread_control import usable_cpus
+from cpubn._core.machine import usable_cpus
 from cpubn.bench.fused import OPS, FusedBuffers, cpubn_peers
 from cpubn.bench.harness import layouts_for, ops_for, shape_label
 

@@ -11,7 +11,7 @@ at 1 thread and at all usable CPUs: the peers of ``python -m cpubn bench --half`
 import numpy as np
 import pytest
 
-from cpubn._thread_control import usable_cpus
+from cpubn._core.machine import usable_cpus
 from cpubn.bench.half import HalfBuffers, cpubn_peer, half_dtypes
 from cpubn.bench.harness import layouts_for, ops_for, shape_label
 

@@ -32,14 +32,10 @@ set_num_threads / get_num_threads / threads.  Large results live in recycled mem
 Porting: BatchNorm.from_torch(module), load_state_dicts(layers, model.state_dict()) and
 BatchNorm.from_onnx(model, node_name) (cpubn imports neither torch nor onnx itself).
 """
-from ._ghost import GhostBatchNorm
-from ._lazy import LazyBatchNorm
-from ._module import BatchNorm
-from ._pool import release_pooled_memory
-from ._precise import precise_statistics
-from ._renorm import BatchRenorm, renorm_schedule
-from ._sync import SyncBatchNorm
-from ._thread_control import get_num_threads, openmp_enabled, set_num_threads, threads
+from ._layers import (BatchNorm, BatchRenorm, GhostBatchNorm, LazyBatchNorm, SyncBatchNorm,
+                      precise_statistics, renorm_schedule)
+from ._core.threads import get_num_threads, openmp_enabled, set_num_threads, threads
+from ._kernels.pool import release_pooled_memory
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .porting import load_state_dicts, to_onnx_node

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(rest)
     if command == "info":
         import cpubn
-        from ._forward import half_conversions
+        from ._kernels.forward import half_conversions
         print(f"cpubn {cpubn.__version__}: OpenMP {'on' if cpubn.openmp_enabled() else 'off'}, "
               f"{cpubn.get_num_threads()} threads; half-precision conversions: "
               + ", ".join(f"{name} {kind}" for name, kind in half_conversions().items()))

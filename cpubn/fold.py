@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._module import BatchNorm
-from ._validation import check_positive_int
+from ._layers.batchnorm import BatchNorm
+from ._core.validation import check_positive_int
 
 __all__ = ["fold_into_linear", "fold_into_conv", "fold_into_following_linear"]
 

@@ -5,11 +5,11 @@ from typing import Any, Literal, overload
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch
-from ._layout import plan
-from ._validation import (check_activation, check_batch_stats_possible, check_bool,
-                          check_channel_array, check_data, check_eps, check_like,
-                          check_momentum, check_out, check_residual, check_state_array)
+from ._core import dispatch
+from ._core.layout import plan
+from ._core.validation import (check_activation, check_batch_stats_possible, check_bool,
+                               check_channel_array, check_data, check_eps, check_like,
+                               check_momentum, check_out, check_residual, check_state_array)
 
 
 def _check_running_buffer(buffer: object, channels: int, name: str,
@@ -73,15 +73,15 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                        else ((residual_array, "the residual"),)))
     if training:
         check_batch_stats_possible(data, feature_axis)
-        y, saved = _dispatch.forward(data, feature_axis, weights, biases, eps, out,
+        y, saved = dispatch.forward(data, feature_axis, weights, biases, eps, out,
                                      residual=residual_array, relu=relu)
         assert momentum_value is not None           # allow_none=False
-        _dispatch.update_running_stats(running_mean, running_var, saved,
+        dispatch.update_running_stats(running_mean, running_var, saved,
                                        data.size // channels, momentum_value)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        y, saved = _dispatch.forward(data, feature_axis, weights, biases, eps, out,
+        y, saved = dispatch.forward(data, feature_axis, weights, biases, eps, out,
                                      running_mean, running_var, residual=residual_array,
                                      relu=relu)
     return y, saved.mean, saved.invstd
@@ -169,11 +169,11 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                     + _named(weight=weights, save_mean=mean, save_invstd=invstd))
     layout = plan(data, feature_axis)
     stats = np.concatenate([mean, invstd]).astype(np.float64, copy=False)
-    saved = _dispatch.Saved(layout.dense(data), layout, stats, bool(training),
+    saved = dispatch.Saved(layout.dense(data), layout, stats, bool(training),
                             layout.dense(output) if output is not None else None,
                             bool(residual))
-    dx, grads, dresidual = _dispatch.backward(grad_y, saved, weights, out)
-    grad_dtype = weights.dtype if weights is not None else _dispatch.param_dtype(data.dtype)
+    dx, grads, dresidual = dispatch.backward(grad_y, saved, weights, out)
+    grad_dtype = weights.dtype if weights is not None else dispatch.param_dtype(data.dtype)
     dweight, dbias = grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)
     if residual:
         assert dresidual is not None                # the Saved had residual=True

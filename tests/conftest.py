@@ -22,7 +22,7 @@ def rng(request):
 def _parallel_small_calls(monkeypatch):
     """The suite's inputs are small: lower the size below which calls run on one thread,
     so that they exercise the parallel paths too (results must not depend on either)."""
-    import cpubn._thread_control as thread_control
+    import cpubn._core.threads as thread_control
     monkeypatch.setattr(thread_control, "PARALLEL_MIN_ELEMENTS", 1 << 12)
 
 

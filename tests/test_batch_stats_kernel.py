@@ -4,7 +4,7 @@ count, and its boundary checks."""
 import numpy as np
 import pytest
 
-from cpubn import _forward
+from cpubn._kernels import forward as _forward
 
 HALF = [np.float16]
 try:

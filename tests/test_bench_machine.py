@@ -1,12 +1,13 @@
 """What the bench says about the machine it ran on: the instruction set of the kernel
-loops the loader picked (cpubn._threads.kernel_isa) and the data caches, which decide how
+loops the loader picked (cpubn._kernels.runtime.kernel_isa) and the data caches, which decide how
 the same build's ratios come out on different servers."""
 
 import platform
 
 import pytest
 
-from cpubn import _machine, _threads
+from cpubn._core import machine as _machine
+from cpubn._kernels import runtime
 from cpubn.bench import cli, harness
 
 
@@ -22,7 +23,7 @@ def cpuinfo_flags():
 
 
 def test_kernel_isa_is_the_clone_this_cpu_supports():
-    isa = _threads.kernel_isa()
+    isa = runtime.kernel_isa()
     assert isa in {"avx512f", "avx2", "default", "native"}
     flags = cpuinfo_flags()
     if isa == "native" or flags is None or platform.machine() != "x86_64":
@@ -81,7 +82,7 @@ def test_machine_label():
 def test_machine_info_records_kernels_and_caches():
     import cpubn
     m = harness.machine_info(cpubn, None)
-    assert m["kernels"] == _threads.kernel_isa()
+    assert m["kernels"] == runtime.kernel_isa()
     assert m["caches"] == _machine.data_caches()
 
 
@@ -92,4 +93,4 @@ def test_bench_header_names_the_kernels(tmp_path, capsys):
     assert rc == 0
     header = [line for line in capsys.readouterr().out.splitlines()
               if line.startswith("cpubn ") and " bench on " in line]
-    assert header and f"{_threads.kernel_isa()} kernels" in header[0]
+    assert header and f"{runtime.kernel_isa()} kernels" in header[0]

@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import cpubn
 from bn_testing import bitwise_equal
-from cpubn._lazy import LazyBatchNorm
+from cpubn._layers.lazy import LazyBatchNorm
 from cpubn.fold import fold_into_conv, fold_into_following_linear, fold_into_linear
 
 # Relative to the largest output: float64 to 1e-12, float32 to 1e-5 (the targets).

@@ -380,7 +380,7 @@ PORTABLE_SCRIPT = """
 import sys
 import numpy as np
 import cpubn
-from cpubn._forward import half_conversions
+from cpubn._kernels.forward import half_conversions
 assert half_conversions() == {"float16": "portable", "bfloat16": "portable"}
 sys.path.insert(0, sys.argv[2])
 from test_half import conversion_workout
@@ -432,7 +432,7 @@ def test_portable_conversions_give_the_same_bits(tmp_path):
 
 
 def test_info_names_the_conversions():
-    from cpubn._forward import half_conversions
+    from cpubn._kernels.forward import half_conversions
     kinds = half_conversions()
     assert kinds["float16"] in ("F16C", "portable") and kinds["bfloat16"] in ("AVX2", "portable")
     run = [sys.executable, "-m", "cpubn", "info"]

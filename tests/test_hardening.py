@@ -60,14 +60,14 @@ def test_reassigned_parameter_of_another_dtype_is_used(rng):
 
 
 # ------------------------------------------------------------------ 2. thread counts
-@pytest.mark.parametrize("count", [40000, 2**40, cpubn._thread_control.MAX_THREADS + 1])
+@pytest.mark.parametrize("count", [40000, 2**40, cpubn._core.threads.MAX_THREADS + 1])
 def test_huge_thread_counts_raise(count):
     with pytest.raises(ValueError, match="at most"):
         cpubn.set_num_threads(count)
     with pytest.raises(ValueError, match="at most"):
         with cpubn.threads(count):
             pass
-    assert cpubn.get_num_threads() <= cpubn._thread_control.MAX_THREADS
+    assert cpubn.get_num_threads() <= cpubn._core.threads.MAX_THREADS
 
 
 def test_huge_omp_num_threads_does_not_kill_the_interpreter():
@@ -79,7 +79,7 @@ def test_huge_omp_num_threads_does_not_kill_the_interpreter():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) <= cpubn._thread_control.MAX_THREADS
+    assert int(result.stdout) <= cpubn._core.threads.MAX_THREADS
 
 
 # ------------------------------------------------------------------ 3. overflow of float32 sums
@@ -238,7 +238,7 @@ def test_eps_too_small_for_float32_raises():
 @pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((4, 5, 3), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_smallest_eps_gives_bias_on_a_constant_channel(shape, axis, dtype):
-    eps = cpubn._validation.EPS_MIN
+    eps = cpubn._core.validation.EPS_MIN
     bn = cpubn.BatchNorm(3, eps=eps, axis=axis)
     bn.bias[...] = [0.5, -1.0, 2.0]
     x = np.full(shape, 3.0, dtype)
@@ -426,17 +426,17 @@ def test_wait_policy_is_not_left_in_the_environment(user_value):
 
 
 def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
-    import cpubn._thread_control as thread_control
+    import cpubn._core.threads as thread_control
     big = thread_control.PARALLEL_MIN_ELEMENTS
     cpubn.set_num_threads(None)
     monkeypatch.setattr(thread_control, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: 1)     # a busy neighbour
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 1)     # a busy neighbour
     assert thread_control.threads_for(big) == 1
-    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: 3)
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 3)
     assert thread_control.threads_for(big) == 3
-    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: None)   # no /proc/loadavg
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: None)   # no /proc/loadavg
     assert thread_control.threads_for(big) == 4
-    monkeypatch.setattr(thread_control, "_idle_cpus", lambda: -5)
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: -5)
     assert thread_control.threads_for(big) == 1
     assert thread_control.threads_for(big - 1) == 1
     with cpubn.threads(4):                 # an explicit count is used as is
@@ -445,8 +445,8 @@ def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux /proc")
 def test_idle_cpus_reads_the_run_queue():
-    import cpubn._thread_control as thread_control
-    idle = thread_control._idle_cpus()
+    import cpubn._core.threads as thread_control
+    idle = thread_control.machine.idle_cpus()
     assert isinstance(idle, int) and idle <= os.cpu_count()
 
 

@@ -1,14 +1,14 @@
 """The compiled entry points check what they are given (STYLE.md 15).
 
-cpubn._validation checks user input; these tests call cpubn._forward / cpubn._backward
-directly with buffers that do not match the (N, C, S) view, dtypes they have no loops
-for and impossible combinations, and expect TypeError / ValueError, never a silent
-no-op or an out-of-bounds access.
+cpubn._core.validation checks user input; these tests call cpubn._kernels.forward /
+cpubn._kernels.backward directly with buffers that do not match the (N, C, S) view,
+dtypes they have no loops for and impossible combinations, and expect TypeError /
+ValueError, never a silent no-op or an out-of-bounds access.
 """
 import numpy as np
 import pytest
 
-from cpubn import _backward, _forward
+from cpubn._kernels import backward as _backward, forward as _forward
 
 N, C, S = 2, 3, 5
 

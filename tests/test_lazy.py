@@ -4,7 +4,7 @@ import pytest
 
 import cpubn
 from bn_testing import bitwise_equal, make_x, randomize
-from cpubn._lazy import LazyBatchNorm
+from cpubn._layers.lazy import LazyBatchNorm
 
 PER_CHANNEL = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
 CONFIGS = [dict(), dict(affine=False), dict(track_running_stats=False),

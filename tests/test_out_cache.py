@@ -1,5 +1,5 @@
 """BatchNorm.forward skips the checks of an `out` it checked on the previous call when
-their facts have not changed (cpubn._module.BatchNorm._check_forward_out): every check
+their facts have not changed (cpubn._layers.batchnorm.BatchNorm._check_forward_out): every check
 must still hold when anything it relied on changes between calls."""
 import warnings
 

@@ -1,4 +1,4 @@
-"""Recycled memory for large results (cpubn._pool): an allocating call on a tensor of at
+"""Recycled memory for large results (cpubn._kernels.pool): an allocating call on a tensor of at
 least 16 MiB reuses the memory of a result nothing refers to any more, and never memory
 that something can still reach."""
 import os
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import cpubn
-from cpubn import _dispatch, _pool
+from cpubn._core import dispatch as _dispatch
+from cpubn._kernels import pool as _pool
 import reference as ref
 from bn_testing import assert_close, make_x
 
@@ -94,7 +95,7 @@ def test_pooled_arrays_behave_like_numpy_arrays(rng):
 
 def test_pool_limit_zero_turns_recycling_off():
     code = ("import numpy as np, cpubn\n"
-            "from cpubn import _pool\n"
+            "from cpubn._kernels import pool as _pool\n"
             "assert _pool.pool_limit_bytes() == 0\n"
             "a, fresh = _pool.empty((1 << 22,), np.float64); del a\n"
             "assert _pool.unused_pooled_bytes() == 0\n"
@@ -121,7 +122,7 @@ def test_the_pool_keeps_at_most_its_limit():
 def spy_stream_flags(monkeypatch):
     """Wrap the output kernels so that each call records the `stream` flag it is handed:
     kernel name -> the flags of its calls, in order."""
-    from cpubn import _backward, _forward
+    from cpubn._kernels import backward as _backward, forward as _forward
     handed = {}
 
     def spy(module, name, index):
@@ -145,7 +146,7 @@ def test_stores_streaming_only_in_channels_first_training_and_backward(rng, monk
     # Channels-first outputs of STREAM_MIN_BYTES and more (16 MiB on a host whose last
     # cache level is at most 128 MiB) are written with streaming stores by the training
     # and backward kernels; eval, and channels-last rows, write them with ordinary stores
-    # (measured faster there: cpubn/_dispatch.py _output).  The results are the same
+    # (measured faster there: cpubn/_core/dispatch.py: _output).  The results are the same
     # either way, so this checks the flag the kernels are handed.
     monkeypatch.setattr(_dispatch, "STREAM_MIN_BYTES", 16 << 20)
     handed = spy_stream_flags(monkeypatch)

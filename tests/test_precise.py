@@ -176,7 +176,7 @@ def _sync_module():
     if not hasattr(cpubn, "SyncBatchNorm"):
         pytest.skip("no SyncBatchNorm in this build")
     pytest.importorskip("mpi4py")
-    import cpubn._sync as sync_module
+    import cpubn._layers.sync as sync_module
     return sync_module
 
 
@@ -200,7 +200,7 @@ def test_sync_batchnorm_uses_the_global_batch(rng, monkeypatch):
     sync_module = _sync_module()
     for name in ("allgather_rows", "_HEADER", "_COUNT", "_PHASE", "_FORWARD"):
         if not hasattr(sync_module, name):
-            pytest.skip(f"cpubn._sync has no {name}: update this test's simulated process")
+            pytest.skip(f"cpubn._layers.sync has no {name}: update this test's simulated process")
     C, H = 3, sync_module._HEADER
     others = iter([make_x(rng, (n, C), np.float64, 1, loc=6.0) for n in (9, 2)])
     theirs = []

@@ -3,8 +3,9 @@
 The backward's per-channel sums sum(dy) and sum(dy * (x - mean)) over channels-last rows
 (and plain (N, C) inputs) add each group of 8 rows in float32, channel tile by channel
 tile, against float pivots (the mean rounded to float32), then accumulate in float64
-(src/bn_loops_float.h.tp: rows_grad_sums; src/bn_loops.h: rows_grad_pivots).  The
-half-precision loops do the same over converted tiles.  These tests check:
+(src/cpubn/_kernels/c/loops_float.h.tp: rows_grad_sums; src/cpubn/_kernels/c/loops.h:
+rows_grad_pivots). The half-precision loops do the same over converted tiles. These tests
+check:
 
 - accuracy against the float64 reference at large offsets, for channel counts with and
   without a partial channel tile and row counts that cut a group;

@@ -1,5 +1,5 @@
 """The short-run (slab) kernels: channels-first maps of at most 1024 values (7x7, 14x14,
-28x28) take src/bn_loops_slab.h.tp's loops, a slab of batch items x channels per call.
+28x28) take src/cpubn/_kernels/c/loops_slab.h.tp's loops, a slab of batch items x channels per call.
 
 Checked against the float64 reference in both geometries the partition picks (slabs of
 whole channels, and batch tiles merged per channel), at the boundary run length, with
@@ -12,7 +12,7 @@ import pytest
 
 import cpubn
 from bn_testing import assert_close, bitwise_equal, make_x
-from cpubn import _backward, _forward
+from cpubn._kernels import backward as _backward, forward as _forward
 import reference as ref
 
 try:

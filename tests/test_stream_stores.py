@@ -1,6 +1,6 @@
 """Streaming (non-temporal) stores are a way of writing, never a way of computing.
 
-The public API decides when to stream (cpubn/_dispatch.py _output: channels-first
+The public API decides when to stream (cpubn/_core/dispatch.py: _output: channels-first
 training and backward outputs of 16 MiB and more); the compiled kernels take the choice
 as an argument, for every layout.  Here they are called directly, both ways, on sizes
 that reach each streaming branch (runs longer than the streaming buffer, channels-last
@@ -12,7 +12,7 @@ import pytest
 
 import reference as ref
 from bn_testing import assert_close, bitwise_equal
-from cpubn import _backward, _forward
+from cpubn._kernels import backward as _backward, forward as _forward
 
 CASES = [
     ((4, 3, 5000), "channels-first runs longer than the buffer"),

@@ -165,7 +165,7 @@ def test_import_without_mpi4py_and_the_install_hint():
 @pytest.fixture
 def collectives(monkeypatch):
     """The list of exchanges SyncBatchNorm makes (their row length each)."""
-    import cpubn._sync as sync_module
+    import cpubn._layers.sync as sync_module
     calls = []
     real = sync_module.allgather_rows
 

@@ -16,7 +16,7 @@ import cpubn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-COMPILED = ("_forward", "_backward", "_threads", "_arrays")
+COMPILED = ("_kernels.forward", "_kernels.backward", "_kernels.runtime", "_kernels.arrays")
 
 pytest.importorskip("mypy", reason="mypy is in the test extra")
 
@@ -53,7 +53,7 @@ def test_typing_files_ship_with_the_package():
     package = pathlib.Path(cpubn.__file__).parent
     assert (package / "py.typed").is_file()
     for name in COMPILED:
-        assert (package / f"{name}.pyi").is_file(), name
+        assert (package / f"{name.replace('.', '/')}.pyi").is_file(), name
 
 
 @pytest.mark.parametrize("name", COMPILED)
@@ -61,7 +61,7 @@ def test_compiled_module_stub_matches_the_module(name):
     """Each stub declares exactly the module's public functions, with their parameter
     names, kinds and defaults (the .pyx signatures, as Cython exposes them)."""
     module = importlib.import_module(f"cpubn.{name}")
-    stub = ast.parse((ROOT / "cpubn" / f"{name}.pyi").read_text())
+    stub = ast.parse((ROOT / "cpubn" / f"{name.replace('.', '/')}.pyi").read_text())
     declared = {node.name: node for node in stub.body if isinstance(node, ast.FunctionDef)}
     compiled = {attr: obj for attr, obj in vars(module).items()
                 if not attr.startswith("_") and callable(obj)

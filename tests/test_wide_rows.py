@@ -3,8 +3,8 @@
 When a channels-last layer's per-channel constants pass 16 KiB (C > 1365 for float32's
 normalization, C > 1024 for its input gradient, half those for float64), the
 normalization and the input gradient walk four rows per pass over the channels
-(src/bn_loops.h: rows_by_quads).  The walk changes the order of the loads only, never an
-element's arithmetic, so these tests check:
+(src/cpubn/_kernels/c/loops.h: rows_by_quads). The walk changes the order of the loads
+only, never an element's arithmetic, so these tests check:
 
 - the results against the float64 reference, for row counts of every remainder mod 4 and
   channel counts on both sides of the thresholds, forward and backward, in place too;
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cpubn
-import cpubn._thread_control
+import cpubn._core.threads
 from bn_testing import assert_close, bitwise_equal, make_x
 import reference as ref
 
@@ -30,7 +30,7 @@ ROWS = [2, 4, 5, 6, 7, 13]              # every remainder mod 4, and fewer than 
 @pytest.fixture(autouse=True)
 def parallel_small_calls(monkeypatch):
     # As the other kernel tests do: small inputs take the threaded paths too.
-    monkeypatch.setattr(cpubn._thread_control, "PARALLEL_MIN_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(cpubn._core.threads, "PARALLEL_MIN_ELEMENTS", 1 << 12)
 
 
 def _layer(rng, C, dtype, activation=None):

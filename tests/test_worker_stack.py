@@ -17,9 +17,9 @@ SCRIPT = r"""
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-import cpubn, cpubn._thread_control
+import cpubn, cpubn._core.threads
 from worker_stack_cases import run_all
-cpubn._thread_control.PARALLEL_MIN_ELEMENTS = 1 << 12
+cpubn._core.threads.PARALLEL_MIN_ELEMENTS = 1 << 12
 np.savez(sys.argv[1], **run_all())
 """
 

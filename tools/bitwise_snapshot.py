@@ -25,10 +25,10 @@ import numpy as np
 # The checkout's package (pip install . copies the compiled modules next to the sources).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cpubn  # noqa: E402
-import cpubn._thread_control  # noqa: E402
+import cpubn._core.threads  # noqa: E402
 
 # As the test suite does: small calls take the parallel paths too.
-cpubn._thread_control.PARALLEL_MIN_ELEMENTS = 1 << 12
+cpubn._core.threads.PARALLEL_MIN_ELEMENTS = 1 << 12
 
 try:
     import ml_dtypes

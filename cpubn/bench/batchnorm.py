@@ -8,7 +8,7 @@ preallocated input buffers, and reports medians:
 - The roofline: an operation's minimum memory traffic (forward 2 x size: read x,
   write y; backward 3 x size: read x and dy, write dx) divided by the best copy
   bandwidth at the same thread count. That bandwidth comes from a multi-threaded
-  copy (``cpubn.bench._bench_copy.copy_parallel``) of a buffer far larger than the caches,
+  copy (``cpubn.bench._copy.copy_parallel``) of a buffer far larger than the caches,
   probed before and after the run (copying moves 2 x size bytes: read + write).
 - ``copy``: the same parallel copy of each case's input into its output buffer,
   timed with the peers: a same-size, same-buffer bound (below the roofline when

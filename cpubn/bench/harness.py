@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 
-from .._machine import data_caches
-from .._thread_control import usable_cpus
+from .._core.machine import data_caches, usable_cpus
 
 # Shapes are given in NCHW notation (N, C, *spatial); layout 'nhwc' moves C last.
 SHAPES_FULL = (
@@ -317,11 +316,11 @@ def import_torch():
 
 def copy_function():
     """``copy(src_bytes, dst_bytes, n_threads)``: cpubn's parallel copy of uint8 views
-    (``cpubn.bench._bench_copy.copy_parallel``), or NumPy's single-threaded one if cpubn lacks it."""
+    (``cpubn.bench._copy.copy_parallel``), or NumPy's single-threaded one if cpubn lacks it."""
     try:
-        from ._bench_copy import copy_parallel
+        from ._copy import copy_parallel
     except ImportError as exc:
-        print(f"warning: cpubn.bench._bench_copy.copy_parallel unavailable ({exc}); "
+        print(f"warning: cpubn.bench._copy.copy_parallel unavailable ({exc}); "
               "the roofline uses a single-threaded np.copyto", file=sys.stderr)
 
         def copy_parallel(src, dst, n_threads):
@@ -358,7 +357,7 @@ def _cpu_model():
 
 def _kernel_isa(cpubn):
     try:
-        return cpubn._threads.kernel_isa()
+        return cpubn._kernels.runtime.kernel_isa()
     except Exception:
         return None
 

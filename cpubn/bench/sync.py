@@ -63,7 +63,7 @@ def main(argv=None):
 
 def _relaunch(args, argv):
     if importlib.util.find_spec("mpi4py") is None:     # MPI is initialized in the children
-        from .._sync import INSTALL_HINT
+        from .._layers.sync import INSTALL_HINT
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 1
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -100,7 +100,7 @@ def _timed(comm, fn, inner):
 
 def _case(comm, shape, layout, repeats):
     import cpubn
-    from .. import _sync
+    from .._layers import sync as sync_layer
     channels = shape[1]
     axis = 1 if layout == "nchw" else -1
     user_shape = shape if layout == "nchw" else (shape[0],) + shape[2:] + (shape[1],)
@@ -125,7 +125,7 @@ def _case(comm, shape, layout, repeats):
     fns = {"local": step(local), "sync": step(sync), "sync alone": step(alone),
            "local forward": forward(local),
            "sync forward": forward(sync),
-           "allgather": lambda: _sync.allgather_rows(comm, row)}
+           "allgather": lambda: sync_layer.allgather_rows(comm, row)}
     inner = {name: 1 if x.size >= 1 << 17 else 200 for name in fns}
     inner["allgather"] = 200
     for fn in fns.values():                  # warm up: pages, caches, layouts

@@ -194,7 +194,7 @@ def main(argv=None):
     try:
         from mpi4py import MPI
     except ImportError:
-        print(f"error: {cpubn._sync.INSTALL_HINT}", file=sys.stderr)
+        print(f"error: {cpubn._layers.sync.INSTALL_HINT}", file=sys.stderr)
         return 1
     try:
         data = load_digits_split("flat")

@@ -1,0 +1,278 @@
+"""Run the compiled kernels on validated arrays: pick the layout, the thread count and the
+output buffer.  No validation of user input here (see validation) and no state (see
+cpubn._layers); the per-call work in Python is choosing views and allocating outputs.
+"""
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+# threads first: it loads the OpenMP runtime with cpubn's wait policy, which
+# must happen before the kernel modules (linked against the runtime) are imported.
+from .threads import threads_for  # isort: skip
+from .._kernels import backward as _backward
+from .._kernels import forward as _forward
+from .._kernels import pool as _pool
+from .machine import data_caches, last_level_cache_bytes
+from .overflow import all_finite, redo_backward_sums, redo_forward_statistics
+from .layout import Layout, plan
+from .validation import is_half
+
+
+# Results at least this large come from cpubn._kernels.pool (recycled, already-mapped memory).
+POOL_MIN_BYTES = 16 << 20
+
+
+def stream_min_bytes(last_level_cache: int) -> int:
+    """The smallest output the channels-first training and backward kernels write with
+    non-temporal stores, for a last-level cache of that many bytes (0: unknown).
+
+    Streaming saves reading every output line before writing it, when the output would
+    not stay in the caches anyway; but an output still in the last-level cache, dirty
+    from its previous use (an `out=` buffer written again, a recycled pool block), is
+    written back and evicted line by line first, and streaming then costs more than it
+    saves.  16 MiB was measured on hosts whose last level holds 8-32 MiB.  On a host
+    reporting a 480 MiB L3 (a share of it per core, and other tenants), streaming into a
+    buffer just written took 1.5-1.7x the time of ordinary stores at 25 MB and 1.2-1.5x
+    at 51 MB, and 0.96-1.04x into a clean one; at 103 MB streaming was faster either way
+    (ordinary stores 1.0-1.3x its time).  An eighth of the last level falls between."""
+    return max(16 << 20, last_level_cache // 8)
+
+
+# Channels-first training and backward outputs at least this large are written with
+# non-temporal stores (_output says which calls stream).
+STREAM_MIN_BYTES = stream_min_bytes(last_level_cache_bytes(data_caches()))
+
+# What a backward returns: (dx, grads, dresidual), see backward.
+BackwardResult = tuple[NDArray[Any], NDArray[np.float64], NDArray[Any] | None]
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def param_dtype(x_dtype: np.dtype[Any], *arrays: object) -> np.dtype[Any]:
+    """The dtype the kernels read per-channel arrays in: that of the first array given,
+    float32 or else float64.  Half-precision data always takes float32 parameters
+    (PyTorch's "mixed type"): the kernels compute it in float32."""
+    if is_half(x_dtype):
+        return _FLOAT32
+    dtype = x_dtype
+    for a in arrays:
+        if a is not None:
+            dtype = getattr(a, "dtype", _FLOAT64)    # lists: converted to float64
+            break
+    return _FLOAT32 if dtype == _FLOAT32 else _FLOAT64
+
+
+def kernel_params(x_dtype: np.dtype[Any], *arrays: NDArray[Any] | None
+                  ) -> list[NDArray[Any] | None]:
+    """Per-channel arrays in the form the kernels read: contiguous, of one float dtype
+    (param_dtype); None stays None (gamma = 1, beta = 0).  Arrays already in that form are
+    returned as they are (the same objects).  Preconditions (checked by
+    validation.check_channel_array): None or float ndarrays of shape (C,).  Converts,
+    never raises."""
+    dtype = param_dtype(x_dtype, *arrays)
+    return [a if a is None or (a.dtype == dtype and a.flags.c_contiguous)
+            else np.ascontiguousarray(a, dtype=dtype) for a in arrays]
+
+
+def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
+            may_stream: bool = True) -> tuple[NDArray[Any], bool]:
+    """(the dense buffer the kernel writes, whether to write it with streaming stores).
+    With an `out` whose memory order differs from the input's, the buffer is a temporary,
+    copied into out by _finish.
+
+    A buffer of at least POOL_MIN_BYTES comes from cpubn._kernels.pool (recycled memory, an
+    ordinary array whose base is its pool block).  When the kernel may_stream, a buffer
+    of at least STREAM_MIN_BYTES is written with streaming stores when its memory is
+    already mapped (out, or a reused block): they save reading every line before it is
+    written.  Fresh memory is written with ordinary stores instead, which find the lines
+    its page faults have just zeroed still in cache (streaming over them measured 1.4x
+    slower at 2 threads on 100 MB).
+
+    Eval (may_stream False) always writes with ordinary stores: with them its single
+    pass took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads, calls
+    alternated, both layouts; one case 1.05x, as much as the sub-16 MiB control moved),
+    on this project's AMD EPYC VM; an earlier Intel VM measured no gain from streaming in
+    eval either.
+
+    Channels-last rows (S == 1) are written with ordinary stores too: their second pass
+    reads x (and dy) back from memory, and streaming measured slower there: the training
+    forward and backward with ordinary stores took 0.78-0.98x the time on (32, 64, 56,
+    56), (32, 1024, 14, 14) and (32, 2048, 14, 14) channels-last, 0.92-1.02x on (32, 256,
+    56, 56) (2 threads, calls alternated in one process, three rounds), 0.79-0.94x at 1
+    thread.  Channels-first training and backward stream: their channel blocks are
+    normalized from cache, and ordinary stores measured 0.95-1.36x the time there ((32,
+    64, 56, 56) training 1.30-1.36x)."""
+    may_stream = may_stream and layout.kernel_dims[2] > 1
+    if out is not None:
+        dense = layout.dense_or_none(out)
+        if dense is not None:
+            return dense, may_stream and dense.nbytes >= STREAM_MIN_BYTES
+    if layout.size * dtype.itemsize >= POOL_MIN_BYTES:
+        buffer, fresh = _pool.empty(layout.dense_shape, dtype)
+        return buffer, may_stream and not fresh and buffer.nbytes >= STREAM_MIN_BYTES
+    return layout.new_dense(dtype), False
+
+
+def _finish(dense_out: NDArray[Any], layout: Layout, out: NDArray[Any] | None) -> NDArray[Any]:
+    if out is None:
+        return layout.to_user(dense_out)
+    if dense_out is not out and dense_out.base is not out:    # a temporary (see _output)
+        np.copyto(out, layout.to_user(dense_out))
+    return out
+
+
+class Saved:
+    """What a backward needs from its forward: the input (dense, in its layout's memory
+    order), the layout, and the float64 statistics used (stats = [mean, invstd(, biased
+    batch variance)] back to back).  A fused forward adds its output y_dense (with ReLU:
+    its sign is the mask, so it is a reference, not a copy) and whether it added a
+    residual (then backward also returns the residual's gradient)."""
+
+    __slots__ = ("x_dense", "layout", "stats", "batch_stats", "y_dense", "residual")
+
+    def __init__(self, x_dense: NDArray[Any], layout: Layout, stats: NDArray[np.float64],
+                 batch_stats: bool, y_dense: NDArray[Any] | None = None,
+                 residual: bool = False) -> None:
+        self.x_dense = x_dense
+        self.layout = layout
+        self.stats = stats
+        self.batch_stats = batch_stats
+        self.y_dense = y_dense
+        self.residual = residual
+
+    @property
+    def channels(self) -> int:
+        return self.layout.kernel_dims[1]
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        return self.stats[:self.channels]
+
+    @property
+    def invstd(self) -> NDArray[np.float64]:
+        return self.stats[self.channels:2 * self.channels]
+
+    @property
+    def batch_var(self) -> NDArray[np.float64]:
+        """Biased batch variance (batch-statistics forwards only)."""
+        return self.stats[2 * self.channels:]
+
+
+def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
+            bias: NDArray[Any] | None, eps: float,
+            out: NDArray[Any] | None, running_mean: NDArray[Any] | None = None,
+            running_var: NDArray[Any] | None = None, params_checked: bool = False,
+            residual: NDArray[Any] | None = None, relu: bool = False,
+            layout: Layout | None = None) -> tuple[NDArray[Any], Saved]:
+    """Normalize x with batch statistics (running_mean is None) or the given ones;
+    returns (y, Saved).  The per-channel arrays are validated (None or float arrays of
+    shape (C,)); params_checked: they are already in kernel form (kernel_params; the
+    BatchNorm object caches that).  residual (an array like x, in any memory order) is
+    added to the normalized values and relu applies max(., 0), both in the kernel's single
+    pass.  layout: x's Layout when the caller has it (a BatchNorm's plan), else looked up."""
+    if layout is None:
+        layout = plan(x, axis)
+    x_dense = layout.dense(x)
+    if residual is not None:
+        residual = layout.dense(residual)     # into x's memory order (a copy only if needed)
+    y_dense, stream = _output(x.dtype, layout, out, may_stream=running_mean is None)
+    n, channels, s = layout.kernel_dims
+    n_threads = threads_for(x.size)
+    if running_mean is None:
+        stats = np.empty(3 * channels)
+        if not params_checked:
+            weight, bias = kernel_params(x.dtype, weight, bias)
+        _forward.forward_train(x_dense, y_dense, weight, bias, eps, stats, n, channels, s,
+                               n_threads, stream, residual, relu)
+        if not all_finite(stats[2 * channels:]):    # overflowed float32 sums, or NaN/Inf data
+            redo_forward_statistics(x_dense, y_dense, layout, stats, weight, bias, eps,
+                                    residual, relu)
+    else:
+        stats = np.empty(2 * channels)
+        if not params_checked:
+            running_mean, running_var, weight, bias = kernel_params(
+                x.dtype, running_mean, running_var, weight, bias)
+        _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
+                              eps, stats, n, channels, s, n_threads, stream, residual, relu)
+    return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None,
+                                                y_dense if relu else None,
+                                                residual is not None)
+
+
+def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
+             out: NDArray[Any] | None) -> BackwardResult:
+    """(dx, grads, dresidual) for the forward that produced `saved` (weight: validated, as
+    in forward, and converted here); grads is a float64
+    array holding grad_weight[C] then grad_bias[C]; dresidual is the gradient of a fused
+    forward's residual (None without one).  A forward with ReLU differentiates through
+    the mask read from saved.y_dense."""
+    layout = saved.layout
+    dy_dense = layout.dense(dy)
+    dx_dense, stream = _output(dy.dtype, layout, out)
+    n, channels, s = layout.kernel_dims
+    grads = np.empty(2 * channels)
+    (weight,) = kernel_params(dy.dtype, weight)
+    dresidual = _output(dy.dtype, layout, None)[0] if saved.residual else None
+    _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
+                       saved.batch_stats, grads, n, channels, s, threads_for(dy.size),
+                       stream, saved.y_dense, dresidual)
+    if not all_finite(grads):                   # overflowed float32 sums, or NaN/Inf data
+        redo_backward_sums(dy_dense, saved.x_dense, dx_dense, saved.y_dense, layout,
+                           saved.stats, weight, saved.batch_stats, grads)
+    if dresidual is not None:
+        dresidual = layout.to_user(dresidual)
+    return _finish(dx_dense, layout, out), grads, dresidual
+
+
+def update_running_stats(running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
+                         saved: Saved, count: int, factor: float) -> None:
+    """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
+    variance for running_var (PyTorch's convention).  Computed in float64, rounded once.
+
+    The kernel does it when the running arrays are what the kernels read (contiguous, one
+    dtype of float32 or float64); other float arrays (float16, strided views) take the
+    same arithmetic in NumPy.  saved.mean and saved.batch_var are contiguous float64 (a
+    Saved's stats, or SyncBatchNorm's global ones), and count >= 2 (batch statistics need
+    more than one value per channel): the kernel checks both and raises otherwise."""
+    mean, batch_var = saved.mean, saved.batch_var
+    if _kernel_ready(running_mean, running_var):
+        _forward.update_running_stats(running_mean, running_var, mean, batch_var, len(mean),
+                                      count, factor)
+        return
+    with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf
+        if running_mean is not None:
+            running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
+                                 + factor * mean)
+        if running_var is not None:
+            unbiased_var = batch_var * (count / (count - 1))
+            running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
+                                + factor * unbiased_var)
+
+
+def _kernel_ready(*arrays: NDArray[Any] | None) -> bool:
+    """Whether the given arrays (None is skipped) are contiguous and share one dtype,
+    float32 or float64."""
+    dtype = None
+    for a in arrays:
+        if a is None:
+            continue
+        if dtype is None:
+            dtype = a.dtype
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            return False
+    return dtype is None or dtype == _FLOAT32 or dtype == _FLOAT64
+
+
+def batch_statistics(x: NDArray[Any], axis: int, eps: float) -> Saved:
+    """A Saved (batch_stats=True, no output) holding the statistics a training forward of
+    x would compute, bit for bit, without normalizing: for layers that normalize with
+    other per-channel constants afterwards (forward with running_mean/running_var set to
+    the constants they choose).  x is validated; it is only read."""
+    layout = plan(x, axis)
+    x_dense = layout.dense(x)
+    n, channels, s = layout.kernel_dims
+    stats = np.empty(3 * channels)
+    _forward.batch_stats(x_dense, eps, stats, n, channels, s, threads_for(x.size))
+    return Saved(x_dense, layout, stats, True)

@@ -1,0 +1,155 @@
+"""The one place that decides how many threads a kernel call uses.
+
+`None` means automatic: the OpenMP runtime's default (which honours OMP_NUM_THREADS and
+threadpoolctl's limits), capped, unless OMP_NUM_THREADS is set, at the CPUs this process
+may actually use (its affinity mask and its cgroup CPU quota: a container limited to 2
+CPUs on a 64-core host gets 2), and always at MAX_THREADS.
+A positive count is used as is, up to MAX_THREADS; a negative one counts back from the
+usable CPUs (-1 = all of them, -2 = all but one); 0 is an error.  Calls on small arrays
+run on one thread whatever the setting: forking a team costs more than it saves.
+
+set_num_threads is process-wide; the `threads()` context manager overrides it for the
+calling Python thread only, so threads that nest it in any interleaving each get and
+restore their own setting.
+"""
+import contextlib
+import operator
+import os
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import SupportsIndex
+
+from . import machine
+
+
+def _load_openmp_runtime() -> ModuleType:
+    """Import the compiled runtime module, and with it the OpenMP runtime, with threads
+    that sleep instead of spinning when they wait (OMP_WAIT_POLICY=passive).
+
+    On a shared machine a spinning thread holds its core while it waits at a barrier,
+    and a team member preempted by another process stalls every call for a scheduler
+    slice: with one busy neighbour on a 2-core machine the 90th-percentile call took
+    20-150x the median.  Passive threads cost a wake-up per parallel region (tens of
+    microseconds), which PARALLEL_MIN_ELEMENTS keeps off small calls.  The runtime reads
+    the variable once, when it is loaded; it is removed again right after, so child
+    processes and other libraries' runtimes do not see it.  A user's own OMP_WAIT_POLICY
+    or GOMP_SPINCOUNT wins; a runtime that something else loaded first keeps its own."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        from .._kernels import runtime
+        return runtime
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        from .._kernels import runtime
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+    return runtime
+
+
+# Loaded before any kernel module (cpubn._core.dispatch imports this module first).
+_runtime = _load_openmp_runtime()
+
+# Below this many elements a kernel call runs on one thread.  With passive waiting,
+# waking a second thread costs about what it saves up to about 1M elements: measured on
+# the 2-core development machine, a (1024, 1024) float32 training forward took 1.07x the
+# one-thread time on 2 threads, a (2048, 1024) one 0.79x, a (256, 1024) one 1.26x.
+PARALLEL_MIN_ELEMENTS = 3 << 19
+
+# The largest explicit thread count accepted.  Asking the OpenMP runtime for more threads
+# than the system can create ends the process (libgomp prints "Thread creation failed"
+# and exits), which no Python code can catch; far fewer than this are ever useful.
+MAX_THREADS = 256
+
+_requested: int | None = None  # what set_num_threads asked for; None = automatic
+_local = threading.local()     # per-Python-thread override set by threads()
+# An explicit OMP_NUM_THREADS is the user's choice (oversubscription included) and is
+# honoured up to MAX_THREADS; otherwise the runtime's default is capped at machine.usable_cpus().
+_OMP_NUM_THREADS_SET = bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+_AUTOMATIC = object()          # a threads(None) block: automatic, not the global setting
+
+
+def _resolve(n_threads: SupportsIndex | None) -> int | None:
+    if n_threads is None:
+        return None
+    if isinstance(n_threads, bool):
+        raise TypeError(f"the number of threads must be an int or None, got {n_threads!r}")
+    try:
+        count = operator.index(n_threads)
+    except TypeError:
+        raise TypeError(f"the number of threads must be an int or None, "
+                        f"got {n_threads!r}") from None
+    if count == 0:
+        raise ValueError("the number of threads must be non-zero, got 0 (None = automatic, "
+                         "negative = count back from the number of CPUs)")
+    if count > MAX_THREADS:
+        raise ValueError(f"the number of threads must be at most {MAX_THREADS}, got "
+                         f"{count} (this process may use {machine.usable_cpus()} CPUs)")
+    if count < 0:
+        return max(1, machine.usable_cpus() + 1 + count)
+    return count
+
+
+def set_num_threads(n_threads: SupportsIndex | None) -> None:
+    """Set the threads cpubn's kernels use, process-wide: an int from 1 to MAX_THREADS
+    (256), a negative int counting back from the usable CPUs (-1 = all of them), or None
+    for automatic (OMP_NUM_THREADS / threadpoolctl, capped at the usable CPUs).
+    """
+    global _requested
+    _requested = _resolve(n_threads)
+
+
+def get_num_threads() -> int:
+    """The number of threads a large kernel call from this Python thread will use now."""
+    override = getattr(_local, "n_threads", None)
+    requested = _requested if override is None else override
+    if requested is None or requested is _AUTOMATIC:
+        default: int = _runtime.omp_max_threads()
+        if not _OMP_NUM_THREADS_SET:      # the runtime's own guess: cap at usable CPUs
+            default = min(default, machine.usable_cpus())
+        return max(1, min(default, MAX_THREADS))
+    return requested
+
+
+@contextlib.contextmanager
+def threads(n_threads: SupportsIndex | None) -> Iterator[None]:
+    """Context manager: `with cpubn.threads(4): ...` runs the calls that this Python thread
+    makes in the block on 4 threads (None: automatic), then restores this thread's
+    previous setting.  Other Python threads are not affected."""
+    resolved = _resolve(n_threads)
+    previous = getattr(_local, "n_threads", None)
+    # threads(None) means automatic for the block, whatever set_num_threads said.
+    _local.n_threads = _AUTOMATIC if resolved is None else resolved
+    try:
+        yield
+    finally:
+        _local.n_threads = previous
+
+
+def _is_automatic() -> bool:
+    override = getattr(_local, "n_threads", None)
+    requested = _requested if override is None else override
+    return requested is None or requested is _AUTOMATIC
+
+
+def threads_for(n_elements: int) -> int:
+    """Threads for one kernel call over n_elements: 1 below the parallel threshold.
+
+    In automatic mode a call also uses no more threads than there are idle CPUs at that
+    moment (at least one): a team member that has to wait for a core busy with another
+    process stalls the whole call at its closing barrier, so beside a busy neighbour one
+    thread is faster than two.  An explicit count (set_num_threads, threads(n)) is used
+    as is."""
+    if n_elements < PARALLEL_MIN_ELEMENTS:
+        return 1
+    n_threads = get_num_threads()
+    if n_threads > 1 and _is_automatic():
+        idle = machine.idle_cpus()
+        if idle is not None:
+            n_threads = max(1, min(n_threads, idle))
+    return n_threads
+
+
+def openmp_enabled() -> bool:
+    """True if this build has OpenMP (multi-threaded kernels); False for a serial build."""
+    enabled: bool = _runtime.openmp_enabled()
+    return enabled

@@ -1,0 +1,182 @@
+"""Recycled memory for large results.
+
+A new output buffer is fresh memory: the operating system zeroes every page as it is first
+written, which on the development VM costs about as much as the normalization itself
+(filling fresh 100 MB took 25 ms, the same fill again 13 ms), so an allocating call took
+2-2.6x the time of one writing into a preallocated `out`.  Results of at least
+cpubn._core.dispatch.POOL_MIN_BYTES are therefore placed in blocks from this pool: an ordinary
+NumPy array whose `base` is the block.  When the last reference to the array (its views
+included) goes, the block's memory is kept here instead of being given back to the
+system, and the next result of the same byte size reuses it, already mapped.  The memory
+is reused only once nothing can reach it any more, so no result ever aliases another.
+
+The pool keeps at most `limit` bytes of unused blocks (CPUBN_POOL_MIB; by default 1 GiB,
+or an eighth of the machine's memory if that is less; 0 turns recycling off), the least
+recently returned given back first, and release_pooled_memory() gives all of them back.  Everything here runs with the GIL held
+(a block is returned from its __dealloc__), which serializes the pool.
+"""
+import os
+
+from libc.stdlib cimport free, malloc
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+cdef extern from *:
+    """
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* Transparent huge pages over the 2 MiB-aligned part of [p, p + n) (as NumPy does for
+     * its own large allocations): a page fault per 2 MiB instead of per 4 KiB the first
+     * time the block is written. */
+    static void cpubn_advise_huge_pages(void *p, size_t n)
+    {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        const uintptr_t huge = (uintptr_t)1 << 21;
+        uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+        uintptr_t stop = ((uintptr_t)p + n) & ~(huge - 1);
+        if (stop > start) (void)madvise((void *)start, (size_t)(stop - start), MADV_HUGEPAGE);
+    #else
+        (void)p; (void)n;
+    #endif
+    }
+    """
+    void cpubn_advise_huge_pages(void* p, size_t n)
+
+
+cdef enum:
+    MAX_UNUSED = 64             # unused blocks kept, at most
+
+
+cdef void* unused_data[MAX_UNUSED]
+cdef size_t unused_size[MAX_UNUSED]
+cdef int unused_count = 0
+cdef size_t unused_bytes = 0
+cdef size_t limit = 0
+
+
+cdef size_t _limit_from_environment() except? 0:
+    text = os.environ.get("CPUBN_POOL_MIB", "").strip()
+    if not text:
+        # 1 GiB, or an eighth of the machine's memory where that is less.
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            physical = 8 << 30
+        return <size_t>min(1 << 30, physical // 8)
+    try:
+        mib = int(text)
+    except ValueError:
+        raise ValueError(f"CPUBN_POOL_MIB must be a whole number of MiB, got {text!r}") from None
+    if mib < 0:
+        raise ValueError(f"CPUBN_POOL_MIB must be >= 0, got {mib}")
+    return <size_t>mib << 20
+
+
+limit = _limit_from_environment()
+
+
+cdef void drop_oldest() noexcept:
+    global unused_count, unused_bytes
+    cdef int i
+    free(unused_data[0])
+    unused_bytes -= unused_size[0]
+    for i in range(1, unused_count):
+        unused_data[i - 1] = unused_data[i]
+        unused_size[i - 1] = unused_size[i]
+    unused_count -= 1
+
+
+cdef void give_back(void* data, size_t size) noexcept:
+    # A block nothing refers to any more: keep it (the oldest kept ones make room) or free it.
+    global unused_count, unused_bytes
+    if size > limit:
+        free(data)
+        return
+    while unused_count > 0 and (unused_count == MAX_UNUSED or unused_bytes + size > limit):
+        drop_oldest()
+    unused_data[unused_count] = data
+    unused_size[unused_count] = size
+    unused_count += 1
+    unused_bytes += size
+
+
+cdef void* take(size_t size) noexcept:
+    # The most recently returned unused block of exactly `size` bytes, or NULL.
+    global unused_count, unused_bytes
+    cdef int i, j
+    cdef void* data
+    for i in range(unused_count - 1, -1, -1):
+        if unused_size[i] == size:
+            data = unused_data[i]
+            for j in range(i + 1, unused_count):
+                unused_data[j - 1] = unused_data[j]
+                unused_size[j - 1] = unused_size[j]
+            unused_count -= 1
+            unused_bytes -= size
+            return data
+    return NULL
+
+
+cdef class Block:
+    """The memory of one pooled array (its `base`); returned to the pool when it dies."""
+    cdef void* data
+    cdef size_t size
+
+    def __dealloc__(self):
+        if self.data != NULL:
+            give_back(self.data, self.size)
+
+    @property
+    def nbytes(self):
+        return self.size
+
+
+def empty(shape, dtype):
+    """(an uninitialized C-contiguous array of `shape` and `dtype`, whether its memory is
+    fresh).  Memory from an unused block of the same byte size when there is one (not
+    fresh: already mapped), else newly allocated (fresh: the first write faults its pages
+    in).  For results of at least a few MiB; the caller writes every element."""
+    cdef cnp.dtype descr = cnp.dtype(dtype)
+    cdef int ndim = len(shape), k
+    cdef cnp.npy_intp dims[32]
+    cdef size_t size = <size_t>descr.itemsize
+    if ndim > 32:
+        raise ValueError(f"cpubn: too many dimensions ({ndim}) for a pooled array")
+    for k in range(ndim):
+        dims[k] = shape[k]
+        size *= <size_t>dims[k]
+    cdef void* data = take(size)
+    cdef bint fresh = data == NULL
+    if fresh:
+        data = malloc(size if size > 0 else 1)
+        if data == NULL:
+            raise MemoryError(f"cpubn: could not allocate {size} bytes for a result")
+        cpubn_advise_huge_pages(data, size)
+    cdef Block block = Block.__new__(Block)
+    block.data = data
+    block.size = size
+    cdef cnp.ndarray array = cnp.PyArray_SimpleNewFromData(ndim, dims, descr.type_num, data)
+    cnp.set_array_base(array, block)
+    return array, fresh
+
+
+def unused_pooled_bytes():
+    """Bytes of unused blocks the pool keeps now (for tests and diagnostics)."""
+    return unused_bytes
+
+
+def pool_limit_bytes():
+    """The most unused bytes the pool keeps (CPUBN_POOL_MIB; 0: recycling off)."""
+    return limit
+
+
+def release_pooled_memory():
+    """Give every unused pooled block back to the system; returns the bytes released."""
+    cdef size_t released = unused_bytes
+    while unused_count > 0:
+        drop_oldest()
+    return released
