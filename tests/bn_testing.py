@@ -1,9 +1,9 @@
 """Shared helpers for the cpubn test suite (imported by the test modules as bn_testing).
 
 Data makers, the tolerance policy against the float64 reference
-(tests/reference.py), and snapshots of a BatchNorm's state.  The pytest fixtures are in
-conftest.py; a test module never imports conftest by name, because benchmarks/ has a
-conftest too and a plain `pytest` collects both.
+(tests/reference.py), central finite differences, and snapshots of a BatchNorm's state.
+The pytest fixtures are in conftest.py; a test module never imports conftest by name,
+because benchmarks/ has a conftest too (`pytest benchmarks` collects it).
 """
 
 import os
@@ -39,7 +39,7 @@ def core_grid(flag_sets, flag_names):
     Full product of dtype x layout x train/eval x flag set; the thread count
     (1 or 2) alternates so that every dtype, layout, mode and flag set meets
     both thread counts without doubling the grid (the small arrays here run
-    serially anyway; tests/test_threads.py covers threads on big inputs).
+    serially anyway; tests/kernels/test_threads.py covers threads on big inputs).
     """
     cases = []
     for d, dtype in enumerate(DTYPES):
@@ -78,6 +78,11 @@ def make_x(rng, shape, dtype=np.float64, axis=1, loc=2.0, spread=(0.5, 2.0)):
     return (rng.standard_normal(shape) * std + mean).astype(dtype)
 
 
+def normal_data(rng, shape, scale=1.0, dtype=np.float32):
+    """Standard normal data times ``scale``, in ``dtype``."""
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
 def make_params(rng, C, dtype=np.float64):
     """Random (weight, bias, running_mean, running_var) in ``dtype``."""
     return (rng.uniform(0.5, 1.5, C).astype(dtype), rng.uniform(-1, 1, C).astype(dtype),
@@ -106,6 +111,21 @@ def assert_close(got, expected, dtype, kind="value", what=""):
     scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
     np.testing.assert_allclose(got.astype(np.float64), expected, rtol=rtol,
                                atol=atol * scale, err_msg=what)
+
+
+def numeric_grad(f, a, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of the array a,
+    which f reads: each entry is moved by +-h in place and restored."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
 
 
 def bitwise_equal(a, b):

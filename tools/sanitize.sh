@@ -29,7 +29,7 @@ tar --exclude='./.venv*' --exclude=./build -cf - . | tar -xf - -C "$build"
     CPUBN_FAIL_NO_OPENMP=1 pip install --force-reinstall ".[test,mpi]")
 
 # Python itself is not instrumented: the ASan runtime must be loaded first.  Python's
-# own allocations are not tracked, so leak checking is off (tests/test_hardening.py
+# own allocations are not tracked, so leak checking is off (tests/kernels/test_memory.py
 # checks for leaks by RSS instead).
 runtime="$(${CC:-gcc} -print-file-name=libasan.so)"
 cd "$venv"                        # import the sanitized install, not the checkout's copy

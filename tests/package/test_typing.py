@@ -14,7 +14,7 @@ import pytest
 
 import cpubn
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 COMPILED = ("_kernels.forward", "_kernels.backward", "_kernels.runtime", "_kernels.arrays")
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -64,7 +65,6 @@ def test_bitwise_identical_across_thread_counts(shape, axis, dtype, rng):
         for key, value in results[1].items():
             assert bitwise_equal(results[n][key], value), f"{key} differs between 1 and {n} threads"
     # And the common answer is the right one.
-    bn = cpubn.BatchNorm(C, axis=axis, dtype=dtype)
     w, b, rm, rv = params
     expected = RefBatchNorm(C, axis=axis, dtype=dtype, weight=w, bias=b, running_mean=rm, running_var=rv)
     assert_close(results[1]["y_train"], expected(x), dtype)
@@ -161,3 +161,97 @@ def test_threadpoolctl_limits_respected():
             assert cpubn.get_num_threads() == min(3, len(os.sched_getaffinity(0)))
     with cpubn.threads(2):
         assert bitwise_equal(cpubn.batch_norm_forward(x)[0], y1)
+
+
+# ------------------------------------------------------------------ thread counts
+@pytest.mark.parametrize("count", [40000, 2**40, cpubn._core.threads.MAX_THREADS + 1])
+def test_huge_thread_counts_raise(count):
+    with pytest.raises(ValueError, match="at most"):
+        cpubn.set_num_threads(count)
+    with pytest.raises(ValueError, match="at most"):
+        with cpubn.threads(count):
+            pass
+    assert cpubn.get_num_threads() <= cpubn._core.threads.MAX_THREADS
+
+
+def test_huge_omp_num_threads_does_not_kill_the_interpreter():
+    code = ("import numpy as np, cpubn\n"
+            "x = np.random.rand(64, 8, 32, 32).astype(np.float32)\n"
+            "cpubn.BatchNorm(8)(x)\n"
+            "print(cpubn.get_num_threads())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="40000")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) <= cpubn._core.threads.MAX_THREADS
+
+
+# ------------------------------------------------------------------ threads() per Python thread
+def test_threads_context_is_per_python_thread():
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def first():
+        with cpubn.threads(1):
+            steps[0].set()
+            steps[1].wait(10)               # the other thread entered threads(3)
+            seen["first inside"] = cpubn.get_num_threads()
+        steps[2].set()                      # leave first: out of order
+        seen["first after"] = cpubn.get_num_threads()
+
+    def second():
+        steps[0].wait(10)
+        with cpubn.threads(3):
+            steps[1].set()
+            steps[2].wait(10)
+            seen["second inside"] = cpubn.get_num_threads()
+        seen["second after"] = cpubn.get_num_threads()
+
+    automatic = cpubn.get_num_threads()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == {"first inside": 1, "second inside": 3, "first after": automatic,
+                    "second after": automatic}
+    assert cpubn.get_num_threads() == automatic
+
+
+# ------------------------------------------------------------------ OpenMP wait policy
+@pytest.mark.parametrize("user_value", [None, "active"])
+def test_wait_policy_is_not_left_in_the_environment(user_value):
+    code = ("import os, cpubn\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if user_value is not None:
+        env["OMP_WAIT_POLICY"] = user_value
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(user_value)
+
+
+def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
+    import cpubn._core.threads as thread_control
+    big = thread_control.PARALLEL_MIN_ELEMENTS
+    cpubn.set_num_threads(None)
+    monkeypatch.setattr(thread_control, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 1)     # a busy neighbour
+    assert thread_control.threads_for(big) == 1
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 3)
+    assert thread_control.threads_for(big) == 3
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: None)   # no /proc/loadavg
+    assert thread_control.threads_for(big) == 4
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: -5)
+    assert thread_control.threads_for(big) == 1
+    assert thread_control.threads_for(big - 1) == 1
+    with cpubn.threads(4):                 # an explicit count is used as is
+        assert thread_control.threads_for(big) == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux /proc")
+def test_idle_cpus_reads_the_run_queue():
+    import cpubn._core.threads as thread_control
+    idle = thread_control.machine.idle_cpus()
+    assert isinstance(idle, int) and idle <= os.cpu_count()

@@ -6,7 +6,7 @@ import pytest
 
 import cpubn
 from bn_testing import (DTYPES, assert_close, assert_same_state, bitwise_equal, make_x,
-                        shape_for, snapshot)
+                        numeric_grad, shape_for, snapshot)
 from reference import backward, batch_stats, invstd_of, normalize
 
 LAYOUTS = [(2, 1), (2, -1), (3, 2), (4, 1), (4, -1)]
@@ -193,20 +193,6 @@ def test_each_chunk_is_normalized_alone(rng):
 
 
 # ---------------------------------------------------------------- finite differences
-def numeric_grad(f, a, h=1e-6):
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f()
-        flat[i] = keep - h
-        down = f()
-        flat[i] = keep
-        gflat[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("axis", [1, -1])
 def test_gradients_finite_differences(axis, rng):
     layer, _ = ghost_pair(rng, 3, 2, np.float64, axis)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import cpubn
+from bn_testing import normal_data
+import reference as ref
 
 C = 16
 
@@ -128,3 +130,36 @@ def test_out_is_not_kept_alive():
     del out
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------------------------ parameter cache
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_in_place_resize_of_a_cached_parameter_is_caught(name, rng):
+    bn = cpubn.BatchNorm(64)
+    x = normal_data(rng, (8, 64))
+    bn(x)                                   # caches the parameter check
+    getattr(bn, name).resize(1, refcheck=False)
+    bn.eval()
+    with pytest.raises(ValueError, match=r"shape \(1,\)"):
+        bn(x)
+
+
+@pytest.mark.parametrize("name", ["weight", "running_var"])
+def test_in_place_dtype_change_of_a_cached_parameter_is_caught(name, rng):
+    bn = cpubn.BatchNorm(64)
+    x = normal_data(rng, (8, 64))
+    bn.eval()
+    bn(x)
+    getattr(bn, name).dtype = np.float64    # same memory read as 32 doubles
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        bn(x)
+
+
+def test_reassigned_parameter_of_another_dtype_is_used(rng):
+    bn = cpubn.BatchNorm(4).eval()
+    x = normal_data(rng, (8, 4))
+    bn(x)
+    bn.weight = np.full(4, 2.0)             # float64 array into a float32 layer
+    expected = ref.functional_forward(x, bn.weight, bn.bias, bn.running_mean,
+                                      bn.running_var, training=False)[0]
+    np.testing.assert_allclose(bn(x), expected, rtol=1e-6, atol=1e-6)

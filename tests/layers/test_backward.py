@@ -5,7 +5,7 @@ import pytest
 
 import cpubn
 from bn_testing import (DTYPES, assert_close, bitwise_equal, core_grid, make_params, make_x,
-                      randomize, shape_for)
+                        numeric_grad, randomize, shape_for)
 from reference import RefBatchNorm
 
 # (affine, track_running_stats)
@@ -85,20 +85,6 @@ def test_backward_after_train_then_eval_switch(rng):
 
 
 # ---------------------------------------------------------------- finite differences
-
-def numeric_grad(f, a, h=1e-6):
-    """Central differences of the scalar f() with respect to every entry of a."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        fp = f()
-        a[i] = old - h
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
 
 FD_CASES = [((4, 3), 1), ((3, 2, 4), 1), ((2, 2, 3), -1), ((2, 3, 2, 2), 2), ((2, 2, 2, 3), -1)]
 

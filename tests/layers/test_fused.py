@@ -14,7 +14,7 @@ import pytest
 import cpubn
 import reference as ref
 from bn_testing import (DTYPES, assert_close, assert_same_state, bitwise_equal, make_params,
-                        make_x, shape_for, snapshot)
+                        make_x, numeric_grad, shape_for, snapshot)
 
 # (ndim, axis): channels-first, channels-last, a middle feature axis.
 LAYOUTS = [(2, 1), (2, -1), (3, 1), (3, -1), (4, 1), (4, -1), (4, 2)]
@@ -270,28 +270,14 @@ def test_finite_differences(axis, training, activation, use_residual, rng):
     grads = cpubn.batch_norm_backward(weights, x, mean, invstd, w, training, axis,
                                       activation=activation,
                                       y=y if activation else None, residual=use_residual)
-    h = 1e-6
-
-    def numeric(array, loss_of):
-        grad = np.zeros_like(array)
-        for i in np.ndindex(array.shape):
-            saved = array[i]
-            array[i] = saved + h
-            up = loss_of()
-            array[i] = saved - h
-            down = loss_of()
-            array[i] = saved
-            grad[i] = (up - down) / (2 * h)
-        return grad
-
     def loss():
         return _loss(x, r, *args, rm, rv)
 
-    np.testing.assert_allclose(grads[0], numeric(x, loss), rtol=1e-5, atol=1e-7, err_msg="dx")
-    np.testing.assert_allclose(grads[1], numeric(w, loss), rtol=1e-5, atol=1e-7, err_msg="dw")
-    np.testing.assert_allclose(grads[2], numeric(b, loss), rtol=1e-5, atol=1e-7, err_msg="db")
+    np.testing.assert_allclose(grads[0], numeric_grad(loss, x), rtol=1e-5, atol=1e-7, err_msg="dx")
+    np.testing.assert_allclose(grads[1], numeric_grad(loss, w), rtol=1e-5, atol=1e-7, err_msg="dw")
+    np.testing.assert_allclose(grads[2], numeric_grad(loss, b), rtol=1e-5, atol=1e-7, err_msg="db")
     if use_residual:
-        np.testing.assert_allclose(grads[3], numeric(r, loss), rtol=1e-5, atol=1e-7,
+        np.testing.assert_allclose(grads[3], numeric_grad(loss, r), rtol=1e-5, atol=1e-7,
                                    err_msg="dresidual")
 
 

@@ -5,8 +5,8 @@ import pytest
 
 import cpubn
 from bn_testing import (DTYPES, assert_close, assert_same_state, bitwise_equal, make_x,
-                        shape_for, snapshot)
-from reference import batch_stats, from_rows, invstd_of, to_rows
+                        numeric_grad, shape_for, snapshot)
+from reference import batch_stats, from_rows, to_rows
 
 LAYOUTS = [(2, 1), (2, -1), (3, 2), (4, 1), (4, -1)]
 
@@ -198,20 +198,6 @@ def test_eval_mode_is_batchnorm_eval(rng):
 
 
 # ---------------------------------------------------------------- finite differences
-def numeric_grad(f, a, h=1e-6):
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f()
-        flat[i] = keep - h
-        down = f()
-        flat[i] = keep
-        gflat[i] = (up - down) / (2 * h)
-    return grad
-
-
 def _loss_of(layer, x, g):
     """Sum(y * g) for a training forward that leaves the layer's state as it was."""
     def loss():

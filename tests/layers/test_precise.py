@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 import cpubn
-from bn_testing import (assert_close, assert_same_state, bitwise_equal, make_x, shape_for,
-                        snapshot)
+from bn_testing import assert_close, assert_same_state, bitwise_equal, make_x, shape_for, snapshot
 from reference import to_rows
 
 LAYER_KINDS = ["BatchNorm", "BatchRenorm", "GhostBatchNorm", "LazyBatchNorm"]

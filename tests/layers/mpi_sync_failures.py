@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_sync.py: one failure case per run (the first argument),
+"""Run under mpiexec by tests/layers/test_sync.py: one failure case per run (the first argument),
 in which process 1 does something different from the others.
 
     mpiexec -n 2 python -m mpi4py tests/mpi_sync_failures.py dy_shape

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import cpubn
-from bn_testing import assert_close, assert_same_state, bitwise_equal, make_x, randomize, snapshot
+from bn_testing import (assert_close, assert_same_state, bitwise_equal, make_x, normal_data,
+                        randomize, snapshot)
 from reference import RefBatchNorm
 
 C = 3
@@ -415,3 +416,172 @@ def test_load_wrong_num_batches_tracked(primed, rng):
 
 def test_load_not_a_mapping(primed):
     primed.expect_failure((TypeError, ValueError), lambda: primed.bn.load_state_dict(None))
+
+
+# ------------------------------------------------------------------ failed calls change nothing
+def test_read_only_running_mean_raises_before_counting(rng):
+    bn = cpubn.BatchNorm(3)
+    bn.running_mean.flags.writeable = False
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="read-only"):
+        bn(normal_data(rng, (8, 3)))
+    assert_same_state(bn, before)
+    assert bn.num_batches_tracked == 0
+
+
+def test_read_only_grad_bias_raises_before_accumulating(rng):
+    bn = cpubn.BatchNorm(3)
+    y = bn(normal_data(rng, (8, 3)))
+    bn.grad_bias.flags.writeable = False
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="read-only"):
+        bn.backward(np.ones_like(y))
+    assert_same_state(bn, before)
+    assert not bn.grad_weight.any()
+
+
+@pytest.mark.parametrize("name", ["running_mean", "grad_weight"])
+def test_list_state_raises_before_any_write(name, rng):
+    bn = cpubn.BatchNorm(3)
+    y = bn(normal_data(rng, (8, 3)))
+    setattr(bn, name, [0.0, 0.0, 0.0])
+    count = bn.num_batches_tracked
+    with pytest.raises(TypeError, match=name):
+        bn(normal_data(rng, (8, 3))) if name == "running_mean" else bn.backward(np.ones_like(y))
+    assert bn.num_batches_tracked == count
+
+
+@pytest.mark.parametrize("call", ["zero_grad", "reset_running_stats", "reset_parameters",
+                                  "load_state_dict"])
+def test_multi_array_writes_fail_before_the_first(call, rng):
+    bn = cpubn.BatchNorm(3)
+    y = bn(normal_data(rng, (8, 3)) * 3 + 1)
+    bn.backward(np.ones_like(y))
+    bn.weight[...] = 2.0
+    state = {k: v + 1 for k, v in bn.state_dict().items()}
+    last = {"zero_grad": "grad_bias", "reset_running_stats": "running_var",
+            "reset_parameters": "running_var", "load_state_dict": "running_var"}[call]
+    getattr(bn, last).flags.writeable = False
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="read-only"):
+        getattr(bn, call)(state) if call == "load_state_dict" else getattr(bn, call)()
+    assert_same_state(bn, before)
+
+
+# ------------------------------------------------------------------ out vs per-channel arrays
+def test_functional_out_overlapping_running_mean_raises():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    buf = np.zeros((8, 3))
+    with pytest.raises(ValueError, match="running_mean"):
+        cpubn.batch_norm(x, buf[-1], np.ones(3), training=True, out=buf)
+    assert not buf.any()
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_var"])
+def test_functional_out_overlapping_a_parameter_raises(name, rng):
+    x = rng.standard_normal((8, 3))
+    buf = np.ones((8, 3))
+    arrays = {"running_mean": np.zeros(3), "running_var": np.ones(3), "weight": None,
+              "bias": None}
+    arrays[name] = buf[2]
+    with pytest.raises(ValueError, match=name):
+        cpubn.batch_norm(x, training=True, out=buf, **arrays)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "weight", "grad_bias"])
+def test_layer_out_overlapping_its_state_raises(name, rng):
+    bn = cpubn.BatchNorm(3, dtype=np.float64)
+    buf = np.zeros((8, 3))
+    setattr(bn, name, buf[0])
+    x = rng.standard_normal((8, 3))
+    with pytest.raises(ValueError, match=name):
+        bn(x, out=buf)
+    y = bn(x)
+    with pytest.raises(ValueError, match=name):
+        bn.backward(np.ones_like(y), out=buf)
+
+
+# ------------------------------------------------------------------ tiny eps
+def test_eps_too_small_for_float32_raises():
+    with pytest.raises(ValueError, match="eps"):
+        cpubn.BatchNorm(3, eps=1e-78)
+    with pytest.raises(ValueError, match="eps"):
+        cpubn.batch_norm(np.ones((4, 3)), None, None, training=True, eps=1e-80)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((4, 5, 3), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_smallest_eps_gives_bias_on_a_constant_channel(shape, axis, dtype):
+    eps = cpubn._core.validation.EPS_MIN
+    bn = cpubn.BatchNorm(3, eps=eps, axis=axis)
+    bn.bias[...] = [0.5, -1.0, 2.0]
+    x = np.full(shape, 3.0, dtype)
+    y = bn(x)
+    expected = np.moveaxis(np.broadcast_to(bn.bias, np.moveaxis(x, axis, -1).shape), -1, axis)
+    assert np.array_equal(y, expected.astype(dtype))
+    dx = bn.backward(np.ones_like(y))
+    assert np.isfinite(dx).all()
+    bn.eval()
+    assert np.isfinite(bn(x)).all()
+
+
+# ------------------------------------------------------------------ silent acceptances
+def test_functional_training_with_list_running_stats_raises():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(TypeError, match="running_mean"):
+        cpubn.batch_norm(x, [0.0, 0.0, 0.0], np.ones(3), training=True)
+    # read-only use of lists stays fine
+    y = cpubn.batch_norm(x, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], training=False)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None, np.float64(1.0)])
+def test_training_flag_must_be_bool(flag):
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(TypeError, match="training"):
+        cpubn.batch_norm_forward(x, training=flag)
+    y, mean, invstd = cpubn.batch_norm_forward(x)
+    with pytest.raises(TypeError, match="training"):
+        cpubn.batch_norm_backward(np.ones_like(y), x, mean, invstd, training=flag)
+    with pytest.raises(TypeError, match="mode"):
+        cpubn.BatchNorm(3).train(flag)
+
+
+@pytest.mark.parametrize("axis", [True, False, np.bool_(True)])
+def test_bool_axis_is_rejected_everywhere(axis):
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(TypeError, match="axis"):
+        cpubn.batch_norm_forward(x, axis=axis)
+    with pytest.raises(TypeError, match="axis"):
+        cpubn.BatchNorm(3, axis=axis)
+
+
+def test_masked_arrays_are_rejected():
+    x = np.ma.masked_array(np.random.default_rng(0).standard_normal((8, 3)),
+                           mask=np.zeros((8, 3), bool))
+    with pytest.raises(TypeError, match="masked"):
+        cpubn.BatchNorm(3, dtype=np.float64)(x)
+    with pytest.raises(TypeError, match="masked"):
+        cpubn.batch_norm_forward(x.data, weight=np.ma.masked_array(np.ones(3)))
+
+
+def test_self_overlapping_out_is_rejected():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    broadcast = np.lib.stride_tricks.as_strided(np.zeros(3), shape=(8, 3), strides=(0, 8))
+    assert broadcast.flags.writeable
+    with pytest.raises(ValueError, match="overlapping"):
+        cpubn.batch_norm_forward(x, out=broadcast)
+    sliced = np.zeros((16, 6))[::2, ::2]      # gaps, but no overlap: accepted
+    assert cpubn.batch_norm_forward(x, out=sliced)[0] is sliced
+
+
+def test_loading_values_beyond_the_layer_dtype_raises():
+    bn = cpubn.BatchNorm(3)
+    state = bn.state_dict()
+    state["running_var"] = np.array([1.0, 1e300, 1.0])
+    with pytest.raises(ValueError, match="range"):
+        bn.load_state_dict(state)
+    assert np.array_equal(bn.running_var, np.ones(3, np.float32))
+    state["running_var"] = np.array([1.0, np.inf, 1.0])     # an inf that is really there
+    bn.load_state_dict(state)
+    assert np.isinf(bn.running_var[1])

@@ -194,7 +194,7 @@ def test_numpy_peer_matches_reference(dtype, axis):
 def test_python_m_cpubn_bench(tmp_path):
     """The command line entry point is wired to cpubn.bench.cli.main."""
     path = tmp_path / "cli.json"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [sys.executable, "-m", "cpubn", "bench", "--shape", "3,4,2,2", "--ops", "eval",
          "--no-torch", "--no-tiny", *FAST, "--json", str(path)],

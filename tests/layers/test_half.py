@@ -382,7 +382,7 @@ import numpy as np
 import cpubn
 from cpubn._kernels.forward import half_conversions
 assert half_conversions() == {"float16": "portable", "bfloat16": "portable"}
-sys.path.insert(0, sys.argv[2])
+sys.path[:0] = sys.argv[2:]
 from test_half import conversion_workout
 np.savez(sys.argv[1], **conversion_workout())
 """
@@ -422,8 +422,10 @@ def test_portable_conversions_give_the_same_bits(tmp_path):
     # hence the subprocess): the portable code must agree bit for bit.
     path = tmp_path / "portable.npz"
     env = dict(os.environ, CPUBN_PORTABLE_HALF="1")
-    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(path),
-                    os.path.dirname(os.path.abspath(__file__))], env=env, check=True)
+    folder = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(path), folder,
+                    os.path.dirname(folder)],
+                   env=env, check=True)
     here = conversion_workout()
     with np.load(path) as portable:
         assert set(portable.files) == set(here)

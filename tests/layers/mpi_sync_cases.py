@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_sync.py: every process checks its SyncBatchNorm against
+"""Run under mpiexec by tests/layers/test_sync.py: every process checks its SyncBatchNorm against
 a single-process BatchNorm on the concatenated global batch and the float64 reference.
 
     mpiexec -n 3 python -m mpi4py tests/mpi_sync_cases.py
@@ -11,7 +11,8 @@ is "rank R: N checks ok".
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The shared test helpers (reference.py, bn_testing.py) sit one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import cpubn
-from bn_testing import (DTYPES, assert_close, bitwise_equal, core_grid, make_x,
-                      randomize, shape_for)
+from bn_testing import (DTYPES, assert_close, bitwise_equal, core_grid, make_x, randomize,
+                        shape_for)
 from reference import RefBatchNorm
 
 # (affine, track_running_stats, momentum); momentum only matters when tracking.

@@ -9,19 +9,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-
-
-def numeric_grad(f, a, h=1e-6):
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        fp = f()
-        a[i] = old - h
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+from bn_testing import numeric_grad
 
 
 @pytest.mark.parametrize("training", [True, False])
