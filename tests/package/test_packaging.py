@@ -86,11 +86,12 @@ def test_wheel_holds_modules_license_and_metadata(built):
         names = set(archive.namelist())
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = archive.read(metadata_name).decode()
-    kernels = {pathlib.Path(name).stem for name in files
-               if name.startswith("src/") and name.endswith(".pyx")}
-    compiled = {pathlib.PurePosixPath(n).name.split(".")[0] for n in names
+    # Each Cython source (or template of one) under src/ is the module of the same path.
+    kernels = {name[len("src/"):].split(".")[0].replace("/", ".") for name in files
+               if name.startswith("src/") and name.endswith((".pyx", ".pyx.tp"))}
+    compiled = {n.split(".")[0].replace("/", ".") for n in names
                 if n.startswith("cpubn/") and n.endswith((".so", ".pyd"))}
-    assert kernels and compiled == kernels
+    assert "cpubn._kernels.forward" in kernels and compiled == kernels
     python_files = {name for name in files if name.startswith("cpubn/") and name.endswith(".py")}
     assert sorted(python_files - names) == []
     # PEP 561: the typing marker and the compiled modules' stubs.

@@ -1,6 +1,10 @@
 # Per-channel parameters and arrays as the kernels see them, and the entry-point helpers
-# that turn validated ndarrays into typed pointers.
+# that turn validated ndarrays into typed pointers and allocate a call's scratch.
 cimport numpy as cnp
+from libc.stdlib cimport free, malloc
+
+from cpubn._kernels.loops cimport new_work
+from cpubn._kernels.partition cimport uses_slabs
 
 cdef extern from "numpy/arrayobject.h":
     int NPY_USERDEF
@@ -159,3 +163,36 @@ cdef inline check_status(int status):
     if status == UNSUPPORTED_TYPES:
         # cpubn._core.dispatch gives half-precision data float32 parameters; this is a bug guard.
         raise TypeError("cpubn: no kernel for this combination of data and parameter dtypes")
+
+
+# ---------------------------------------------------------------- a call's scratch
+# Allocated by the entry point before its parallel regions (never on a worker's stack),
+# freed after them: the per-channel constants, in the compute type (at most a double
+# each), and each thread's slice of `work` (half-precision tiles, the streaming buffer,
+# the slab loops' column sums), which float32 / float64 data without streaming and with
+# long runs do not need.
+cdef struct Scratch:
+    void* constants
+    float* work
+
+
+cdef inline Scratch new_scratch(int kind, Py_ssize_t S, int n_threads, bint stream,
+                                Py_ssize_t constant_doubles) except *:
+    # constant_doubles: how many doubles of per-channel constants (0: none).
+    cdef Scratch scratch
+    cdef bint needs_work = (stream or kind == DATA_FLOAT16 or kind == DATA_BFLOAT16
+                            or (S > 1 and uses_slabs(S)))
+    scratch.constants = malloc(constant_doubles * sizeof(double)) if constant_doubles else NULL
+    scratch.work = new_work(n_threads) if needs_work else NULL
+    if ((constant_doubles and scratch.constants == NULL)
+            or (needs_work and scratch.work == NULL)):
+        free_scratch(&scratch)
+        raise MemoryError("cpubn: could not allocate kernel scratch")
+    return scratch
+
+
+cdef inline void free_scratch(Scratch* scratch) noexcept nogil:
+    free(scratch.constants)
+    free(scratch.work)
+    scratch.constants = NULL
+    scratch.work = NULL

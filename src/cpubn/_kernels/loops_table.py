@@ -1,14 +1,16 @@
 """The one table the loop layer is generated from.
 
-setup.py renders every src/*.tp template with the names defined here (Cython's Tempita,
-as scikit-learn does), before Cython runs:
+setup.py renders every *.tp template under src/cpubn/_kernels with the names defined
+here (Cython's Tempita, as scikit-learn does), before Cython runs:
 
-  loops_float.h.tp      -> loops_float.h       the loops for float32 and float64 data
-  loops_half.h.tp -> loops_half.h  the loops for float16 and bfloat16 data
-  loops_slab.h.tp       -> loops_slab.h        the channels-first short-run (slab)
-                                                     loops, for every data type
-  loops.pxd.tp          -> loops.pxd           Cython declarations of every instance,
-                                                     and one fused-type dispatcher per loop
+  c/loops_float.h.tp  -> c/loops_float.h  the loops for float32 and float64 data
+  c/loops_half.h.tp   -> c/loops_half.h   the loops for float16 and bfloat16 data
+  c/loops_slab.h.tp   -> c/loops_slab.h   the channels-first short-run (slab) loops,
+                                          for every data type
+  loops.pxd.tp        -> loops.pxd        Cython declarations of every instance, and one
+                                          fused-type dispatcher per loop
+  forward.pyx.tp      -> forward.pyx      the compiled modules, whose entry points
+  backward.pyx.tp     -> backward.pyx     dispatch on the type pairings of PAIRINGS
 
 Adding a data type is a row of DATA_TYPES (and, for a half type, its conversions in
 half_convert.h); adding a loop is a row of LOOPS plus its body in the C template(s).
@@ -119,6 +121,43 @@ def uses_compute_type(loop):
     return any("F" in a.replace("*", " ").split() for a in _arguments(loop))
 
 
+# The (data, parameters) type pairings the compiled entry points run: float32 and float64
+# data with float32 or float64 parameters, half-precision data with float32 parameters
+# (boundary.pxd: check_params refuses others), each computed in its data type's compute
+# type.  kind is the data's boundary.pxd constant, param32 whether the parameters are
+# float32.  The entry points' dispatch (entry_dispatch) is generated from this one list.
+Pairing = namedtuple("Pairing", "kind param32 data param compute")
+
+PAIRINGS = [
+    Pairing("DATA_FLOAT32", True, "float", "float", "float"),
+    Pairing("DATA_FLOAT32", False, "float", "double", "float"),
+    Pairing("DATA_FLOAT64", True, "double", "float", "double"),
+    Pairing("DATA_FLOAT64", False, "double", "double", "double"),
+    Pairing("DATA_FLOAT16", True, "cpubn_half", "float", "float"),
+    Pairing("DATA_BFLOAT16", True, "cpubn_bfloat16", "float", "float"),
+]
+
+
+def entry_dispatch(call, indent, params=True):
+    """The branches of an entry point that run ``call`` for each pairing of PAIRINGS, as
+    Cython: ``call`` casts each pointer to <D*> (the data type), <P*> (the parameters') or
+    <F*> (the compute type), and the branch taken is the one matching ``kind`` (and
+    ``param32``; with params=False, one branch per data type, for a call with no
+    parameters).  No branch matches an impossible pairing: the caller's status stays
+    UNSUPPORTED_TYPES.  Continuation lines are indented by ``indent`` spaces."""
+    pairings = PAIRINGS if params else list({p.kind: p for p in PAIRINGS}.values())
+    lines = []
+    for i, pairing in enumerate(pairings):
+        condition = f"kind == {pairing.kind}"
+        if params:
+            condition += " and param32" if pairing.param32 else " and not param32"
+        typed = (call.replace("<D*>", f"<{pairing.data}*>")
+                     .replace("<P*>", f"<{pairing.param}*>")
+                     .replace("<F*>", f"<{pairing.compute}*>"))
+        lines += [f"{'if' if i == 0 else 'elif'} {condition}:", f"    {typed}"]
+    return ("\n" + " " * indent).join(lines)
+
+
 NAMESPACE = dict(DATA_TYPES=DATA_TYPES, LOOPS=LOOPS, declaration=declaration,
                  fused_arguments=fused_arguments, call_arguments=call_arguments,
-                 uses_compute_type=uses_compute_type)
+                 uses_compute_type=uses_compute_type, entry_dispatch=entry_dispatch)
