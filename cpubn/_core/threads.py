@@ -29,9 +29,9 @@ def _load_openmp_runtime() -> ModuleType:
 
     On a shared machine a spinning thread holds its core while it waits at a barrier,
     and a team member preempted by another process stalls every call for a scheduler
-    slice: with one busy neighbour on a 2-core machine the 90th-percentile call took
-    20-150x the median.  Passive threads cost a wake-up per parallel region (tens of
-    microseconds), which PARALLEL_MIN_ELEMENTS keeps off small calls.  The runtime reads
+    slice, so the tail latency beside a busy neighbour is many times the median.  Passive
+    threads cost a wake-up per parallel region instead, which PARALLEL_MIN_ELEMENTS keeps
+    off small calls.  The runtime reads
     the variable once, when it is loaded; it is removed again right after, so child
     processes and other libraries' runtimes do not see it.  A user's own OMP_WAIT_POLICY
     or GOMP_SPINCOUNT wins; a runtime that something else loaded first keeps its own."""
@@ -49,10 +49,8 @@ def _load_openmp_runtime() -> ModuleType:
 # Loaded before any kernel module (cpubn._core.dispatch imports this module first).
 _runtime = _load_openmp_runtime()
 
-# Below this many elements a kernel call runs on one thread.  With passive waiting,
-# waking a second thread costs about what it saves up to about 1M elements: measured on
-# the 2-core development machine, a (1024, 1024) float32 training forward took 1.07x the
-# one-thread time on 2 threads, a (2048, 1024) one 0.79x, a (256, 1024) one 1.26x.
+# Below this many elements a kernel call runs on one thread: with passive waiting, waking
+# a second thread costs about what it saves up to about a million elements.
 PARALLEL_MIN_ELEMENTS = 3 << 19
 
 # The largest explicit thread count accepted.  Asking the OpenMP runtime for more threads

@@ -287,7 +287,7 @@ class BatchNorm:
         half = is_half(x_dtype)         # the only data property the parameter dtype depends on
         cached = self._checked_params
         # Same objects, and still the length, dtype and memory layout the kernels read:
-        # arrays can be resized or given another dtype in place (checked in C, 0.1 us).
+        # arrays can be resized or given another dtype in place (checked in C).
         if (cached is not None and cached[0] is half
                 and params_unchanged(current, cached[3], cached[1], cached[2])):
             return current

@@ -276,7 +276,7 @@ def single_threaded_blas():
 
     These networks multiply 60x100 matrices: a BLAS thread team only adds synchronization,
     and on a busy machine (2 cores, another process running) a descheduled BLAS thread
-    made training 20-50x slower. threadpoolctl comes with scikit-learn; cpubn's own
+    made training many times slower. threadpoolctl comes with scikit-learn; cpubn's own
     OpenMP threads are left alone (it runs small arrays on one thread by itself).
     """
     try:

@@ -1,6 +1,6 @@
 """Facts about arrays that the Python layer checks on every call, computed from the
-array structs directly: a NumPy-level check costs about 0.3 us per pair of arrays, which
-for a small call is more than the kernel."""
+array structs directly: the same check through NumPy's Python API costs more than a small
+call's kernel."""
 cimport numpy as cnp
 
 cnp.import_array()

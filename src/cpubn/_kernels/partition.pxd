@@ -42,9 +42,8 @@ cdef enum:
     # which thread computes an item, never what it computes.
     SCHEDULE_CHUNK_ELEMS = 16384
     # Serial calls: a parallel loop with use_threads_if false still opens an OpenMP region
-    # of one thread, and libgomp closes every region with a futex wake-up system call:
-    # about 1 us, measured at 1.35 us against 0.3 us for a whole (1, 16) eval kernel.  So
-    # the loops that small calls run (the eval normalizations, the channels-last and
+    # of one thread, and libgomp closes every region with a futex wake-up system call,
+    # which costs several times a whole small eval kernel.  So the loops that small calls run (the eval normalizations, the channels-last and
     # one-slab statistics and backward) take a plain loop over the same work items, with
     # the same bodies, when n_threads == 1.
     # Slabs (short channels-first runs): a slab of all N batch items up to this many
@@ -87,15 +86,11 @@ cdef inline bint touches_row_blocks(Py_ssize_t C, Py_ssize_t itemsize) noexcept 
     # walk a block in channel tiles over groups of 8 rows (loops.h: CPUBN_ROW_TILE,
     # CPUBN_GROUP).  From memory that order reads well when a row is short (a group of
     # rows is one linear piece) or a whole page (each row one linear stream), and badly in
-    # between, where each page is visited at a stride of a row, a tile's width at a time:
-    # batch_stats on 100 MiB, 1 thread, ran at 5-10 GB/s for rows of 400 B to 3 KiB
-    # against 10-16 GB/s outside.  Those blocks are first read linearly (touch_lines) and
-    # then walked from L2: 9.5-11.5 GB/s at every row size, 1.1-2.2x faster between
-    # 512 B and 2 KiB (2 threads: 1.5-1.9x at 512 B and 1 KiB); outside, the touch cost
-    # 5-25%, so those blocks are not touched.  The gradient sums, when they still walked
-    # whole rows of dy and x in double, gained 8-19% from the touch at rows of 512 B to
-    # 2 KiB and lost 3-10% at 256 B and 4 KiB; float data's now walk the statistics'
-    # channel tiles (float64's still whole rows).
+    # between, where each page is visited at a stride of a row, a tile's width at a time.
+    # Those blocks are first read linearly (touch_lines) and then walked from L2, which
+    # makes every row size read about as fast; outside that range the touch costs more
+    # than it saves, so those blocks are not touched.  The gradient sums take the same
+    # rule (float data's walk the statistics' channel tiles, float64's whole rows).
     return itemsize >= 4 and 256 < C * itemsize < 4096
 
 

@@ -1,9 +1,8 @@
 """Recycled memory for large results.
 
 A new output buffer is fresh memory: the operating system zeroes every page as it is first
-written, which on the development VM costs about as much as the normalization itself
-(filling fresh 100 MB took 25 ms, the same fill again 13 ms), so an allocating call took
-2-2.6x the time of one writing into a preallocated `out`.  Results of at least
+written, which costs about as much as the normalization itself, so an allocating call
+took about twice the time of one writing into a preallocated `out`.  Results of at least
 cpubn._core.dispatch.POOL_MIN_BYTES are therefore placed in blocks from this pool: an ordinary
 NumPy array whose `base` is the block.  When the last reference to the array (its views
 included) goes, the block's memory is kept here instead of being given back to the

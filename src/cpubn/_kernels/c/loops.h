@@ -93,10 +93,9 @@ static inline void cpubn_stream_copy(void *dst, const void *src, size_t bytes)
  * bytes (C > 1365 for the normalization's three float arrays, C > 1024 for the input
  * gradient's four) they no longer stay in L1 beside the rows streaming through, and
  * every row reloads them from L2; the loops then take CPUBN_ROW_QUAD rows per pass over
- * the channels, loading each constant once for four rows: (32, 2048, 7, 7) channels-last
- * eval took 0.72-0.87x the time, 1 and 2 threads.  Below the threshold one row per pass
- * stays faster (four interleaved rows measured 1.1-1.3x slower at C = 64 and 1024).  Each
- * element's arithmetic is the same either way, so are the bits. */
+ * the channels, loading each constant once for four rows.  Below the threshold one row
+ * per pass stays faster (four interleaved rows cost more than the reloads they save).
+ * Each element's arithmetic is the same either way, so are the bits. */
 #define CPUBN_ROW_CONSTANTS_L1 16384
 #define CPUBN_ROW_QUAD 4
 
@@ -108,7 +107,7 @@ CPUBN_INLINE int rows_by_quads(int constants, ptrdiff_t C, size_t itemsize)
 /* The channels-last statistics walk a block of rows in tiles of this many channels, so
  * that a tile's accumulators stay in vector registers across the rows (two AVX-512
  * registers of floats, four of doubles).  A loop over whole rows loads and stores every
- * accumulator once per row: at C = 1024 that ran at 6-9 GB/s, a third of a plain read.
+ * accumulator once per row, which runs at a fraction of the speed of a plain read.
  * Tiling keeps each channel's additions in the same order, hence the same bits.  The
  * float gradient sums (rows_grad_sums) walk the same tiles. */
 #define CPUBN_ROW_TILE 32
@@ -281,7 +280,7 @@ CPUBN_INLINE void grouped_pivot_sums_at(int kind, const float *a, const float *b
         /* The group's first row starts the sums.  A reset to zero and an add would give
          * the same accumulators (0 + v differs from v only in the sign of a zero, which
          * adding into acc, started at +0, erases), but GCC turns the reset loops into
-         * `rep stos`, which cost 12% of the channels-last statistics on Zen 1. */
+         * `rep stos`, a visible share of the channels-last statistics' time. */
         if (kind == CPUBN_SUM_VALUES) {
             CPUBN_SIMD
             for (ptrdiff_t c = 0; c < width; c++) sum[c] = a[c];
