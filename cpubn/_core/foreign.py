@@ -48,18 +48,9 @@ def _param_dtype(arrays: Iterable[NDArray[Any] | None]) -> type[np.floating[Any]
 
 # ---------------------------------------------------------------------------- PyTorch
 def torch_layer_args(module: Any, axis: int, dtype: DTypeLike | None) -> LayerArgs:
-    """The arguments of a layer equal to a torch BatchNorm module.
-
-    module: ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or a materialized
-        ``LazyBatchNorm*d``.  Read: num_features, eps, momentum (PyTorch's convention,
-        also cpubn's; None stays None), affine, track_running_stats, weight, bias,
-        running_mean, running_var, num_batches_tracked, and ``module.training``.
-    axis: the feature axis of the data the layer will see: 1 as in PyTorch, -1 for
-        channels-last arrays (NHWC, or a ``channels_last`` model's data as NumPy sees it).
-    dtype: the layer's parameter dtype; by default float64 for a float64 module and
-        float32 otherwise (float16/bfloat16 parameters are widened exactly).
-
-    The arrays are copies: later changes to the module do not reach the layer."""
+    """The arguments of a layer equal to a torch BatchNorm module, read as
+    BatchNorm.from_torch documents (axis checked, dtype None: the module's); the arrays
+    are copies."""
     try:
         from torch.nn.modules.batchnorm import _BatchNorm
     except ImportError:
@@ -114,21 +105,9 @@ def _find_batchnorm_node(graph: Any, node_name: str | None) -> Any:
 
 def onnx_layer_args(model: Any, node_name: str | None, axis: int, dtype: DTypeLike | None,
                     values: Mapping[str, ArrayLike] | None) -> LayerArgs:
-    """The arguments of a layer from a BatchNormalization node of an ONNX model.
-
-    model: an ``onnx.ModelProto`` or the path of a ``.onnx`` file.
-    node_name: the node's name; may be omitted when the model has exactly one.
-    axis: the feature axis of the layer's data (ONNX's BatchNormalization normalizes
-        axis 1; -1 if you feed the layer channels-last arrays).
-    dtype: as in ``torch_layer_args`` (float64 for float64 initializers, else float32).
-    values: ``{input name: array}`` for the node's scale, B, mean and var when they are
-        graph inputs rather than initializers.
-
-    epsilon is copied; ONNX's momentum (the running statistics' weight, 0.9 by default)
-    becomes cpubn's ``1 - momentum``.  ``training_mode=1`` gives a layer in training mode,
-    otherwise it is in eval mode.  num_batches_tracked, which ONNX does not store, is 0.
-    Note that ONNX's training mode updates running_var with the biased batch variance;
-    cpubn, like PyTorch, uses the unbiased one."""
+    """The arguments of a layer from a BatchNormalization node of an ONNX model (or the
+    path of a .onnx file), read as BatchNorm.from_onnx documents: epsilon as stored,
+    cpubn's momentum = 1 - ONNX's, training_mode for the mode, num_batches_tracked 0."""
     onnx, numpy_helper = import_onnx()
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model))

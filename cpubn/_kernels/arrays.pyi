@@ -1,5 +1,5 @@
 # Type stub for the compiled module built from src/cpubn/_kernels/arrays.pyx (keep the signatures
-# in step with its `def` functions; tests/test_typing.py compares them).
+# in step with its `def` functions; tests/package/test_typing.py compares them).
 from typing import Any
 
 import numpy as np

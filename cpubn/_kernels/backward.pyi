@@ -1,5 +1,5 @@
 # Type stub for the compiled module built from src/cpubn/_kernels/backward.pyx (keep the signature
-# in step with its `def` function; tests/test_typing.py compares them).
+# in step with its `def` function; tests/package/test_typing.py compares them).
 from typing import Any
 
 import numpy as np

@@ -1,6 +1,6 @@
 # Type stub for the compiled module built from src/cpubn/_kernels/forward.pyx (keep the signatures
-# in step with its `def` functions; tests/test_typing.py compares them).  Data arrays are any of
-# the kernels' dtypes (float32, float64, float16, bfloat16); stats are float64.
+# in step with its `def` functions; tests/package/test_typing.py compares them).  Data arrays are
+# any of the kernels' dtypes (float32, float64, float16, bfloat16); stats are float64.
 from typing import Any
 
 import numpy as np
