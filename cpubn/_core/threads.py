@@ -11,6 +11,10 @@ run on one thread whatever the setting: forking a team costs more than it saves.
 set_num_threads is process-wide; the `threads()` context manager overrides it for the
 calling Python thread only, so threads that nest it in any interleaving each get and
 restore their own setting.
+
+A child process made by fork() (os.fork, multiprocessing's 'fork' context, a Pool, joblib
+or data-loader workers) runs every call on one thread, whatever the setting: see
+_after_fork_in_child.
 """
 import contextlib
 import operator
@@ -48,6 +52,26 @@ def _load_openmp_runtime() -> ModuleType:
 
 # Loaded before any kernel module (cpubn._core.dispatch imports this module first).
 _runtime = _load_openmp_runtime()
+
+# True in a child made by fork(): see _after_fork_in_child.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    """Run every call of a forked child on one thread.
+
+    fork() copies only the calling thread: the OpenMP runtime's worker threads stay in
+    the parent, but the runtime's state in the child still counts them, and the child's
+    first parallel region of two or more threads waits for them for ever.  No runtime API
+    rebuilds that state, so the child never starts a team: a one-thread call takes no
+    worker, and its results are the parent's, bit for bit, since they never depend on the
+    thread count."""
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):        # POSIX; elsewhere there is no fork()
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Below this many elements a kernel call runs on one thread: with passive waiting, waking
 # a second thread costs about what it saves up to about a million elements.
@@ -97,7 +121,10 @@ def set_num_threads(n_threads: SupportsIndex | None) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads a large kernel call from this Python thread will use now."""
+    """The number of threads a large kernel call from this Python thread will use now
+    (1 in a child process made by fork())."""
+    if _forked_child:
+        return 1
     override = getattr(_local, "n_threads", None)
     requested = _requested if override is None else override
     if requested is None or requested is _AUTOMATIC:
