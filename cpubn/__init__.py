@@ -23,6 +23,9 @@ Small or non-i.i.d. batches: BatchRenorm (with renorm_schedule), GhostBatchNorm,
 Data-parallel training over MPI (``pip install "cpubn[mpi]"``): SyncBatchNorm normalizes
 with the statistics of the batches of all processes.
 
+Inference that keeps nothing for a backward: ``with cpubn.no_grad(): y = model(x)`` (an
+eval-mode forward keeps only weak references by itself).
+
 See BatchNorm (and LazyBatchNorm, SyncBatchNorm), batch_norm, batch_norm_forward,
 batch_norm_backward (all take activation= and residual=), the inference folding helpers
 fold_into_linear / fold_into_conv / fold_into_following_linear, and the thread controls
@@ -33,7 +36,7 @@ Porting: BatchNorm.from_torch(module), load_state_dicts(layers, model.state_dict
 BatchNorm.from_onnx(model, node_name) (cpubn imports neither torch nor onnx itself).
 """
 from ._layers import (BatchNorm, BatchRenorm, GhostBatchNorm, LazyBatchNorm, SyncBatchNorm,
-                      precise_statistics, renorm_schedule)
+                      no_grad, precise_statistics, renorm_schedule)
 from ._core.threads import get_num_threads, openmp_enabled, set_num_threads, threads
 from ._kernels.pool import release_pooled_memory
 from .fold import fold_into_conv, fold_into_following_linear, fold_into_linear
@@ -50,6 +53,7 @@ __all__ = [
     "GhostBatchNorm",
     "precise_statistics",
     "renorm_schedule",
+    "no_grad",
     "batch_norm",
     "batch_norm_forward",
     "batch_norm_backward",

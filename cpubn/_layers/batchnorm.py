@@ -19,6 +19,7 @@ from .._core.validation import (check_activation, check_axis, check_batch_stats_
                                 check_bool, check_channel_array, check_data, check_eps, check_like,
                                 check_momentum, check_num_features, check_out, check_param_dtype,
                                 check_residual, check_state_array, is_half, overlaps_input)
+from .grad_mode import saving_for_backward
 
 _FORMAT_VERSION = 1
 
@@ -32,6 +33,45 @@ _PLANS_PER_LAYER = 8
 
 # (array, name) pairs for check_out's overlap tests.
 _NamedArrays = tuple[tuple[object, str], ...]
+
+# What a layer computes for its own calls and what its last forward saved for backward:
+# neither is part of its state, so neither goes into a pickle (or a copy made by the copy
+# module).  _track_batch appears here when precise_statistics hooks an instance.
+_TRANSIENT = ("_saved", "_checked_params", "_checked_out", "_plans", "_track_batch")
+
+
+class _EvalRecord:
+    """What an eval-mode forward with running statistics keeps for backward: weak
+    references to its input and, with ReLU, its output (the mask), so that inference
+    holds nothing alive; revive() rebuilds the Saved while the caller still holds them."""
+
+    __slots__ = ("x", "y", "layout", "stats", "residual")
+
+    def __init__(self, x: NDArray[Any], y: NDArray[Any], saved: dispatch.Saved) -> None:
+        self.x = weakref.ref(x)
+        self.y = None if saved.y_dense is None else weakref.ref(y)
+        self.layout, self.stats, self.residual = saved.layout, saved.stats, saved.residual
+
+    def revive(self) -> dispatch.Saved:
+        x = self.x()
+        y = None if self.y is None else self.y()
+        if x is None or (self.y is not None and y is None):
+            what = "input" if self.y is None else "input and output"
+            raise ValueError(f"backward() after an eval-mode forward whose {what} no longer "
+                             f"exist: an eval-mode forward keeps only weak references to "
+                             f"them, so hold them until backward")
+        layout = self.layout
+        return dispatch.Saved(layout.dense(x), layout, self.stats, False,
+                              None if y is None else layout.dense(y), self.residual)
+
+
+class _NothingSaved:
+    """The record of a forward that kept nothing for backward, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 class BatchNorm:
@@ -48,8 +88,11 @@ class BatchNorm:
     in both modes.
 
     ``backward(dy)`` returns dx and adds the parameter gradients into ``grad_weight`` and
-    ``grad_bias`` (``zero_grad()`` clears them).  It keeps a reference to the last forward's
-    input: do not modify that array in place before calling backward.
+    ``grad_bias`` (``zero_grad()`` clears them).  A training-mode forward keeps a reference
+    to its input for it (``clear_saved()`` drops it); an eval-mode forward only a weak one,
+    so backward after it needs the input still alive; under ``cpubn.no_grad()`` a forward
+    keeps nothing.  Do not modify the input in place before calling backward.  Pickling a
+    layer (or copying it) keeps its state, not what it saved for backward.
 
     Parameters and running statistics are stored in ``dtype`` (float32 or float64); float32,
     float64, float16 and bfloat16 (ml_dtypes) inputs are accepted and the output has the
@@ -141,10 +184,15 @@ class BatchNorm:
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._plans: dict[tuple[Any, ...], tuple[int, Layout]]
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        """No saved forward and empty per-call caches (_TRANSIENT)."""
         self._saved = None
         self._checked_params = None
         self._checked_out = None
-        self._plans: dict[tuple[Any, ...], tuple[int, Layout]] = {}
+        self._plans = {}
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
@@ -183,10 +231,39 @@ class BatchNorm:
                                          relu=relu, layout=layout)
         if tracking:
             self._track_batch(saved, x.size // x.shape[axis])
-        if in_place:
+        if not saving_for_backward():
+            self._saved = _NothingSaved("it ran under cpubn.no_grad()")
+        elif in_place:
             saved.x_dense = None            # overwritten in place: nothing to differentiate
-        self._saved = saved
+            saved.y_dense = None
+            self._saved = saved
+        elif self.training or not self.track_running_stats:
+            self._saved = saved
+        else:
+            self._saved = _EvalRecord(x, y, saved)
         return y
+
+    def clear_saved(self) -> None:
+        """Drop what the last forward kept for backward (its input, and with ReLU its
+        output, in training mode), so that memory can go; a backward then raises
+        ValueError until the next forward.  Eval-mode forwards keep only weak references,
+        and forwards under ``cpubn.no_grad()`` keep nothing."""
+        if self._saved is not None:
+            self._saved = _NothingSaved("clear_saved() dropped it")
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer without its per-call caches and without what its last forward saved
+        for backward: an unpickled (or copied) layer computes the same bits, and its
+        backward needs a forward of its own first."""
+        state = self.__dict__.copy()
+        for name in _TRANSIENT:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_transient()
 
     def _plan(self, x: object) -> tuple[NDArray[Any], int, Layout]:
         """x validated as this layer's input (check_data), its feature axis and its Layout.
@@ -330,6 +407,11 @@ class BatchNorm:
         if saved is None:
             raise ValueError("backward() called before any forward(): nothing to "
                              "differentiate")
+        if isinstance(saved, _NothingSaved):
+            raise ValueError(f"backward(): the last forward kept nothing to differentiate "
+                             f"({saved.reason})")
+        if isinstance(saved, _EvalRecord):
+            saved = saved.revive()
         if saved.x_dense is None:
             raise ValueError("backward() after an in-place forward (out=x): the input it "
                              "needs was overwritten; use a separate out array")

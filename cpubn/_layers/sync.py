@@ -271,11 +271,27 @@ class SyncBatchNorm(BatchNorm):
             data = as_float_array(x)
             if data.size == 0:
                 return self._forward_empty(data, out, residual, synchronize=True)
-            return super().forward(data, out, residual=residual)
+            y = super().forward(data, out, residual=residual)
         except Exception:
             if not self._exchanged:
                 self._abandon(_FORWARD)
             raise
+        if self._saved is not self._sync_saved:     # kept nothing (no_grad): nor does this
+            self._sync_saved = None
+        return y
+
+    def clear_saved(self) -> None:
+        super().clear_saved()
+        self._sync_saved = None
+
+    clear_saved.__doc__ = BatchNorm.clear_saved.__doc__
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: a SyncBatchNorm belongs to its communicator's processes, which build it
+        together; its state travels as ``state_dict()`` or ``save()`` instead."""
+        raise TypeError("a SyncBatchNorm cannot be pickled or copied: it is built "
+                        "collectively over its communicator; pickle its state_dict() (or "
+                        "save() it) and build the layer on every process")
 
     def _exchange_statistics(self, x: NDArray[Any], axis: int, count: int,
                              mean: NDArray[np.float64] | None, var: NDArray[np.float64] | None

@@ -158,7 +158,8 @@ def training_steps(dtype, layout, split, fused, steps=3, comm=COMM):
     sync.eval()
     single.eval()
     x = make_x(rng, shape_of(layout, 4), dtype, axis)
-    close(sync(x), single(x), dtype, "value", f"{what}: eval forward")
+    y_sync, y_single = sync(x), single(x)   # held: eval backward needs them (ReLU mask)
+    close(y_sync, y_single, dtype, "value", f"{what}: eval forward")
     dy = rng.standard_normal(x.shape).astype(dtype)
     close(sync.backward(dy), single.backward(dy), dtype, "grad", f"{what}: eval backward")
 

@@ -462,10 +462,10 @@ def test_bad_residual_leaves_state_unchanged(training, rng):
     dy = rng.standard_normal(x.shape).astype(np.float32)
     bn = cpubn.BatchNorm(3, activation="relu").train(training)
     bn.running_mean[...] = 0.3
-    bn(x, residual=r)
+    y = bn(x, residual=r)               # held: in eval, backward needs it (the ReLU mask)
     good = bn.backward(dy)
     bn.zero_grad()
-    bn(x, residual=r)                                            # primes the backward again
+    y = bn(x, residual=r)                                        # primes the backward again
     snap = snapshot(bn)
     r_before = r.copy()
     buffer = np.zeros(x.size + 1, np.float32)
@@ -590,7 +590,10 @@ def test_torch_parity(dtype, layout, training, activation, use_residual, rng):
     if layout == "nhwc":
         last = (lambda a: None if a is None else np.ascontiguousarray(np.moveaxis(a, 1, -1)))
         first = (lambda a: np.moveaxis(a, -1, 1))
-        y = first(bn(last(x), residual=last(r)))
+        # Held: an eval-mode forward keeps only weak references for backward.
+        x_last = last(x)
+        y_last = bn(x_last, residual=last(r))
+        y = first(y_last)
         result = bn.backward(last(dy))
         result = tuple(first(a) for a in result) if use_residual else first(result)
     else:

@@ -212,7 +212,8 @@ def test_one_process_is_batchnorm(axis, shape, dtype, fused, rng, collectives):
     sync.eval()
     bn.eval()
     x = make_x(rng, shape, dtype, axis)
-    assert bitwise_equal(sync(x), bn(x))
+    y_sync, y_bn = sync(x), bn(x)       # held: in eval, backward needs them (the ReLU mask)
+    assert bitwise_equal(y_sync, y_bn)
     sync.backward(np.ones_like(x))
     assert len(collectives) == 5            # eval mode communicates nothing
 

@@ -73,7 +73,9 @@ def test_training_steps_then_eval(cls_name, shape, dtype, momentum, layout, rng)
         dy = rng.standard_normal(shape).astype(dtype)
         y_t, dx_t = run_torch(tbn, x, dy)
         if last:
-            y = from_channels_last(bn(to_channels_last(x)))
+            # Held: an eval-mode forward keeps only weak references for backward.
+            x_last = to_channels_last(x)
+            y = from_channels_last(bn(x_last))
             dx = from_channels_last(bn.backward(to_channels_last(dy)))
         else:
             y = bn(x)
