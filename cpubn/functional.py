@@ -76,8 +76,8 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
         y, saved = dispatch.forward(data, feature_axis, weights, biases, eps, out,
                                      residual=residual_array, relu=relu)
         assert momentum_value is not None           # allow_none=False
-        dispatch.update_running_stats(running_mean, running_var, saved,
-                                       data.size // channels, momentum_value)
+        dispatch.update_running_stats(running_mean, running_var, saved.mean, saved.batch_var,
+                                       momentum_value, None, count=data.size // channels)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")

@@ -217,28 +217,39 @@ def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
 
 
 def update_running_stats(running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
-                         saved: Saved, count: int, factor: float) -> None:
-    """running = (1 - factor) * running + factor * batch, in place, with the unbiased batch
-    variance for running_var (PyTorch's convention).  Computed in float64, rounded once.
+                         mean: NDArray[np.float64], var: NDArray[np.float64], factor: float,
+                         counter: NDArray[np.int64] | None, count: int | None = None) -> None:
+    """One training step of the running statistics: running = (1 - factor) * running +
+    factor * batch, in place, computed in float64 and rounded once, with `mean` for
+    running_mean and `var` for running_var; then `counter` (a layer's num_batches_tracked,
+    an int64 array of one element, or None) grows by one.  `var` is unbiased, or, with
+    `count` (the values per channel, at least 2), biased and made unbiased here
+    (PyTorch's convention).  mean and var are contiguous float64.
 
-    The kernel does it when the running arrays are what the kernels read (contiguous, one
-    dtype of float32 or float64); other float arrays (float16, strided views) take the
-    same arithmetic in NumPy.  saved.mean and saved.batch_var are contiguous float64 (a
-    Saved's stats, or SyncBatchNorm's global ones), and count >= 2 (batch statistics need
-    more than one value per channel): the kernel checks both and raises otherwise."""
-    mean, batch_var = saved.mean, saved.batch_var
+    The kernel does the whole step in one call, so that an interrupt (a signal handler's
+    KeyboardInterrupt) finds all of it done or none of it.  It runs when the running
+    arrays are what the kernels read (contiguous, one dtype of float32 or float64); other
+    float arrays (float16, strided views, assigned by hand) take the same arithmetic in
+    NumPy, a step that an interrupt can split."""
+    if count is None:
+        var_scale = 1.0
+    elif count >= 2:
+        var_scale = count / (count - 1)
+    else:
+        raise ValueError(f"running statistics need at least 2 values per channel, got {count}")
     if _kernel_ready(running_mean, running_var):
-        _forward.update_running_stats(running_mean, running_var, mean, batch_var, len(mean),
-                                      count, factor)
+        _forward.update_running_stats(running_mean, running_var, mean, var, len(mean),
+                                      var_scale, factor, counter)
         return
     with np.errstate(over="ignore"):        # data beyond the stats' dtype gives inf
         if running_mean is not None:
             running_mean[...] = ((1.0 - factor) * running_mean.astype(np.float64)
                                  + factor * mean)
         if running_var is not None:
-            unbiased_var = batch_var * (count / (count - 1))
             running_var[...] = ((1.0 - factor) * running_var.astype(np.float64)
-                                + factor * unbiased_var)
+                                + factor * (var * var_scale))
+    if counter is not None:
+        counter += 1
 
 
 def _kernel_ready(*arrays: NDArray[Any] | None) -> bool:

@@ -4,6 +4,7 @@ It validates, calls cpubn._core.dispatch, and only then touches its state, so a 
 raises leaves the object exactly as it was.
 """
 import json
+import operator
 import os
 import weakref
 from collections.abc import Mapping
@@ -148,7 +149,7 @@ class BatchNorm:
     grad_bias: NDArray[Any] | Any
     running_mean: NDArray[Any] | Any
     running_var: NDArray[Any] | Any
-    num_batches_tracked: int | None
+    _batches: NDArray[np.int64] | None      # num_batches_tracked, see its property
     # The last forward's record for backward: a dispatch.Saved, or the subclass's own
     # kind (GhostSaved, SyncBatchNorm's empty slice), which only its own hooks read.
     _saved: Any
@@ -342,9 +343,21 @@ class BatchNorm:
         saved.batch_var over `count` values per channel) into the running statistics."""
         tracked = self.num_batches_tracked + 1     # type: ignore[operator]  # only when tracking
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        dispatch.update_running_stats(self.running_mean, self.running_var, saved, count,
-                                       factor)
-        self.num_batches_tracked = tracked
+        dispatch.update_running_stats(self.running_mean, self.running_var, saved.mean,
+                                       saved.batch_var, factor, self._batches, count=count)
+
+    # num_batches_tracked lives in an int64 array that the running-statistics kernel
+    # increments in the same call that updates the statistics: a KeyboardInterrupt from a
+    # signal handler then finds both updated or neither, never one without the other.
+    @property
+    def num_batches_tracked(self) -> int | None:
+        """Training batches seen (the cumulative average's count when momentum=None);
+        None when track_running_stats=False."""
+        return None if self._batches is None else int(self._batches[0])
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value: int | None) -> None:
+        self._batches = None if value is None else np.array([operator.index(value)], np.int64)
 
     def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,
                          out: NDArray[Any] | None) -> dispatch.BackwardResult:

@@ -348,11 +348,8 @@ class GhostBatchNorm(BatchNorm):
             return super()._track_batch(saved, count)
         tracked = self.num_batches_tracked + 1     # type: ignore[operator]  # only when tracking
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        self.running_mean[...] = ((1.0 - factor) * self.running_mean.astype(_FLOAT64)
-                                  + factor * saved.mean)
-        self.running_var[...] = ((1.0 - factor) * self.running_var.astype(_FLOAT64)
-                                 + factor * saved.ghost_var)
-        self.num_batches_tracked = tracked
+        dispatch.update_running_stats(self.running_mean, self.running_var, saved.mean,
+                                       saved.ghost_var, factor, self._batches)
         return None
 
     def _backward_kernel(self, dy: NDArray[Any], saved: Any, weight: NDArray[Any] | None,

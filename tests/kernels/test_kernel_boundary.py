@@ -191,12 +191,12 @@ def test_batch_stats_checks_its_buffers():
         _forward.batch_stats(np.zeros(N * C * S, np.int32), 1e-5, np.empty(3 * C), N, C, S, 1)
 
 
-def update(running_mean, running_var, mean=None, batch_var=None, channels=C, count=10.0,
-           factor=0.1):
+def update(running_mean, running_var, mean=None, batch_var=None, channels=C, var_scale=10 / 9,
+           factor=0.1, counter=None):
     mean = np.zeros(C) if mean is None else mean
     batch_var = np.ones(C) if batch_var is None else batch_var
     _forward.update_running_stats(running_mean, running_var, mean, batch_var, channels,
-                                  count, factor)
+                                  var_scale, factor, counter)
 
 
 def test_running_stats_update_checks_its_buffers():
@@ -223,9 +223,21 @@ def test_running_stats_update_checks_its_buffers():
     with pytest.raises(ValueError, match="overlap"):
         update(batch[:C], None, mean=batch[:C], batch_var=batch[C:])
     with pytest.raises(ValueError, match="impossible"):
-        update(rm, rv, count=1.0)                     # no unbiased variance of one value
+        update(rm, rv, var_scale=0.5)                 # no variance scale below 1
+    with pytest.raises(ValueError, match="impossible"):
+        update(rm, rv, var_scale=float("nan"))
     with pytest.raises(ValueError, match="impossible"):
         update(rm, rv, channels=0)
+    counter = np.array([7], np.int64)
+    update(rm, rv, counter=counter)
+    assert counter[0] == 8                            # the step's count, in the same call
+    for bad in (np.array([7], np.int32), np.array([7, 8], np.int64), [7]):
+        with pytest.raises(TypeError, match="counter"):
+            update(rm, rv, counter=bad)
+    frozen = np.array([7], np.int64)
+    frozen.flags.writeable = False
+    with pytest.raises(TypeError, match="counter"):
+        update(rm, rv, counter=frozen)
 
 
 def test_running_stats_update_is_the_float64_blend():
@@ -235,7 +247,7 @@ def test_running_stats_update_is_the_float64_blend():
         rm0 = rng.standard_normal(C).astype(dtype)
         rv0 = (rng.random(C) + 0.5).astype(dtype)
         rm, rv = rm0.copy(), rv0.copy()
-        update(rm, rv, mean, batch_var, count=7.0, factor=0.3)
+        update(rm, rv, mean, batch_var, var_scale=7.0 / 6.0, factor=0.3)
         expect_m = 0.7 * rm0.astype(np.float64) + 0.3 * mean
         expect_v = 0.7 * rv0.astype(np.float64) + 0.3 * (batch_var * 7.0 / 6.0)
         np.testing.assert_allclose(rm, expect_m.astype(dtype), rtol=0, atol=0)
