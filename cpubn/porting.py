@@ -63,7 +63,9 @@ def load_state_dicts(layers: dict[str, BatchNorm] | Iterable[BatchNorm],
         layer changes.  With ``strict=False`` each layer takes what is there and keeps its
         own values for its missing keys.
 
-    Missing keys are the layers' keys absent from ``state_dict``; unexpected keys are the
+    Missing keys are the layers' keys absent from ``state_dict``, except a
+    ``num_batches_tracked`` beside running statistics: a checkpoint from before PyTorch
+    0.4.1 has none, and it loads as 0, as in PyTorch.  Unexpected keys are the
     entries under a layer's path that it has no use for, and the entries of any other
     BatchNorm of the model (a path with running statistics) that no layer received.
     Other entries (convolution weights, ...) are left for the caller and not reported.
@@ -107,6 +109,9 @@ def load_state_dicts(layers: dict[str, BatchNorm] | Iterable[BatchNorm],
         for full, key in wanted.items():
             if full in state_dict:
                 given[key] = to_numpy(state_dict[full])
+            elif key == "num_batches_tracked" and _join(path, "running_mean") in state_dict:
+                # A checkpoint from before PyTorch 0.4.1: 0, as PyTorch fills it in.
+                given[key] = np.int64(0)
             else:
                 missing.append(full)
         plans.append((layer, given))

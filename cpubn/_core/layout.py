@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 _CACHE_SIZE = 256
-_cache: dict[tuple[tuple[int, ...], tuple[int, ...], int], "Layout"] = {}
+_cache: dict[tuple[tuple[int, ...], tuple[int, ...], int, int], "Layout"] = {}
 
 
 class Layout:
@@ -52,8 +52,10 @@ class Layout:
 
 def plan(x: NDArray[Any], axis: int) -> Layout:
     """The Layout for array x (validated: ndim >= 2, 0 <= axis < ndim, non-empty).
-    Layouts are cached by (shape, strides, axis): a training loop plans once."""
-    key = (x.shape, x.strides, axis)
+    Layouts are cached by (shape, strides, itemsize, axis), every fact the layout is
+    derived from (the same byte strides are another memory order for another itemsize):
+    a training loop plans once."""
+    key = (x.shape, x.strides, x.itemsize, axis)
     layout = _cache.get(key)
     if layout is None:
         if len(_cache) >= _CACHE_SIZE:

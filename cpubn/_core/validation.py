@@ -195,8 +195,10 @@ def check_out(out: object, x: NDArray[Any], name: str = "out", may_alias: NamedA
 
 def overlaps_input(out: NDArray[Any], x: NDArray[Any]) -> bool:
     """For an `out` that passed check_out with x in may_alias: True when it is x's memory
-    (an in-place call).  A bounds test suffices there."""
-    return out is x or first_bounds_overlap(out, ((x, "x"),)) >= 0
+    (an in-place call).  check_out left two cases where their extents meet: the same
+    memory, or elements that interleave without sharing any (x = buf[:, 0::2], out =
+    buf[:, 1::2]), which is not in place."""
+    return out is x or (first_bounds_overlap(out, ((x, "x"),)) >= 0 and _same_memory(out, x))
 
 
 def _self_overlapping(a: NDArray[Any]) -> bool:

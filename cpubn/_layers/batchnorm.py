@@ -6,6 +6,7 @@ raises leaves the object exactly as it was.
 import json
 import operator
 import os
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
@@ -38,7 +39,8 @@ _NamedArrays = tuple[tuple[object, str], ...]
 # What a layer computes for its own calls and what its last forward saved for backward:
 # neither is part of its state, so neither goes into a pickle (or a copy made by the copy
 # module).  _track_batch appears here when precise_statistics hooks an instance.
-_TRANSIENT = ("_saved", "_checked_params", "_checked_out", "_plans", "_track_batch")
+_TRANSIENT = ("_saved", "_checked_params", "_checked_out", "_plans", "_track_batch",
+              "_caller")
 
 
 class _EvalRecord:
@@ -64,6 +66,14 @@ class _EvalRecord:
         layout = self.layout
         return dispatch.Saved(layout.dense(x), layout, self.stats, False,
                               None if y is None else layout.dense(y), self.residual)
+
+
+def _check_file_shapes(num_features: object, state: Mapping[str, NDArray[Any]]) -> None:
+    """A saved layer's per-channel arrays must have num_features values each."""
+    for key, value in state.items():
+        if key != "num_batches_tracked" and value.shape != (num_features,):
+            raise ValueError(f"state entry {key!r} has shape {value.shape}, but "
+                             f"num_features is {num_features!r}")
 
 
 class _NothingSaved:
@@ -153,6 +163,7 @@ class BatchNorm:
     # The last forward's record for backward: a dispatch.Saved, or the subclass's own
     # kind (GhostSaved, SyncBatchNorm's empty slice), which only its own hooks read.
     _saved: Any
+    _caller: int | None             # the thread inside a forward or backward, if any
     _checked_params: tuple[bool, int, np.dtype[Any] | None,
                            tuple[NDArray[Any] | None, ...]] | None
     # The last forward `out` that passed check_out: see _check_forward_out.
@@ -194,6 +205,7 @@ class BatchNorm:
         self._checked_params = None
         self._checked_out = None
         self._plans = {}
+        self._caller = None
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
@@ -211,7 +223,37 @@ class BatchNorm:
         following ``backward`` raises; it must not partially overlap x.
         ``residual``: an array of x's shape and dtype (any memory order; never modified,
         and out must not overlap it) added before the activation:
-        y = act(bn(x) + residual)."""
+        y = act(bn(x) + residual).
+
+        A layer serves one call at a time: a call while another thread's call on the same
+        layer runs raises RuntimeError (see _check_not_in_use)."""
+        me = self._check_not_in_use()
+        try:
+            self._caller = me
+            return self._forward(x, out, residual)
+        finally:
+            self._caller = None
+
+    def _check_not_in_use(self) -> int:
+        """The calling thread's id, after checking that no other thread is inside a call
+        of this layer.  A layer has one saved forward and one running-statistics state, and
+        its kernels release the GIL: two threads inside one layer lose running-statistics
+        updates and mix up each other's saved forward, and serializing them would still
+        give one thread's backward the other's forward, so the second call raises.  The
+        caller marks the layer taken (_caller) as the first statement of its try block: no
+        other thread runs, and no signal handler, between this check and that mark, and an
+        interrupt after it finds the finally clause that clears the mark."""
+        me = threading.get_ident()
+        caller = self._caller
+        if caller is not None and caller != me:
+            raise RuntimeError(f"this {type(self).__name__} is running a call in another "
+                               f"thread: a layer holds one saved forward and one set of "
+                               f"running statistics, so give each thread its own layer "
+                               f"(copy.deepcopy)")
+        return me
+
+    def _forward(self, x: ArrayLike, out: NDArray[Any] | None,
+                 residual: ArrayLike | None) -> NDArray[Any]:
         x, axis, layout = self._plan(x)
         relu = check_activation(self.activation) is not None
         if residual is not None:
@@ -416,6 +458,14 @@ class BatchNorm:
         gradient flows where the forward's output is > 0 (dy is the gradient of the
         activation's output).  ``out``: array for dx (dy's shape and dtype); it may be dy
         itself but must not overlap the saved input or the saved output."""
+        me = self._check_not_in_use()
+        try:
+            self._caller = me
+            return self._backward(dy, out)
+        finally:
+            self._caller = None
+
+    def _backward(self, dy: ArrayLike, out: NDArray[Any] | None) -> NDArray[Any] | Any:
         saved = self._saved
         if saved is None:
             raise ValueError("backward() called before any forward(): nothing to "
@@ -502,11 +552,24 @@ class BatchNorm:
     def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Load a state dict (ours, or a torch BatchNorm's converted with .numpy()).
 
-        Every key this layer has is required and no other key is accepted; values are
-        checked (shape (num_features,), float dtype; an integer num_batches_tracked)
-        before anything is copied, so a failed load changes nothing."""
+        Every key this layer has is required and no other key is accepted, except
+        num_batches_tracked, which PyTorch checkpoints older than 0.4.1 lack: it is then 0,
+        as PyTorch fills it in.  Values are checked (shape (num_features,), float dtype,
+        within the layer's dtype; running_var not negative; an integer num_batches_tracked
+        from 0 to 2**63 - 1) before anything is copied, so a failed load changes nothing.
+        A NaN is accepted: training on data with a NaN gives one.
+
+        Raises TypeError for something other than a mapping {name: array} and for
+        non-float or non-integer values, ValueError for missing or unexpected keys and
+        values out of range."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict takes a mapping {{name: array}} (a state_dict(), "
+                            f"or dict(pairs)), got {type(state_dict).__name__}")
         expected = set(self._state_keys())
         given = set(state_dict)
+        if "num_batches_tracked" in expected and "num_batches_tracked" not in given:
+            state_dict = dict(state_dict, num_batches_tracked=np.int64(0))
+            given.add("num_batches_tracked")
         missing, unexpected = expected - given, given - expected
         if missing or unexpected:
             raise ValueError(f"state dict mismatch: missing keys {sorted(missing)}, "
@@ -525,14 +588,19 @@ class BatchNorm:
             if overflows.any():
                 raise ValueError(f"state dict entry {key!r} holds values beyond the range of "
                                  f"the layer's dtype {self.dtype} (max {abs(value).max():g})")
+            if key == "running_var" and (value < 0).any():
+                raise ValueError(f"state dict entry 'running_var' holds negative values "
+                                 f"(min {value.min():g}): no training gives a negative "
+                                 f"variance")
             arrays[key] = value
         if "num_batches_tracked" in expected:
             count = np.asarray(state_dict["num_batches_tracked"])
             if count.shape != () or count.dtype.kind not in "iu":
                 raise TypeError(f"state dict entry 'num_batches_tracked' must be an integer "
                                 f"scalar, got {count.dtype} array of shape {count.shape}")
-            if count < 0:
-                raise ValueError(f"num_batches_tracked must be >= 0, got {int(count)}")
+            if count < 0 or count > np.iinfo(np.int64).max:
+                raise ValueError(f"num_batches_tracked must be from 0 to 2**63 - 1, got "
+                                 f"{int(count)}")
         self._check_writable(*arrays)
         for key, value in arrays.items():
             getattr(self, key)[...] = value
@@ -598,6 +666,9 @@ class BatchNorm:
         training = config.pop("training", None)
         try:
             training = check_bool(training, "training")
+            # Before the constructor allocates num_features values per array: a crafted
+            # file's num_features must not allocate more than its own arrays hold.
+            _check_file_shapes(config.get("num_features"), state)
             layer = cls(**config)
             layer.load_state_dict(state)
         except (TypeError, ValueError) as exc:

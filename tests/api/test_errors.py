@@ -370,11 +370,61 @@ def good_state(rng, C=C):
             "num_batches_tracked": np.array(9, dtype=np.int64)}
 
 
-@pytest.mark.parametrize("missing", ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"])
+@pytest.mark.parametrize("missing", ["weight", "bias", "running_mean", "running_var"])
 def test_load_missing_key(primed, missing, rng):
     sd = good_state(rng)
     del sd[missing]
     primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd), match=missing)
+
+
+def test_load_without_num_batches_tracked_counts_from_zero(rng):
+    """A checkpoint from before PyTorch 0.4.1 has no num_batches_tracked; PyTorch fills
+    in 0, and so does cpubn (load_state_dict and load_state_dicts, strict or not)."""
+    sd = good_state(rng)
+    del sd["num_batches_tracked"]
+    bn = cpubn.BatchNorm(C, dtype=np.float64)
+    bn.num_batches_tracked = 5
+    bn.load_state_dict(sd)
+    assert bn.num_batches_tracked == 0 and bitwise_equal(bn.running_var, sd["running_var"])
+    model = {f"block.bn.{key}": value for key, value in sd.items()}
+    layer = cpubn.BatchNorm(C, dtype=np.float64)
+    layer.num_batches_tracked = 5
+    result = cpubn.load_state_dicts({"block.bn": layer}, model)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert layer.num_batches_tracked == 0
+
+
+def test_load_a_list_of_pairs_names_the_mapping(primed, rng):
+    pairs = list(good_state(rng).items())
+    primed.expect_failure(TypeError, lambda: primed.bn.load_state_dict(pairs), match="mapping")
+
+
+@pytest.mark.parametrize("count", [np.uint64(2**64 - 1), np.uint64(2**63), np.int64(-1)])
+def test_load_num_batches_tracked_beyond_int64(primed, count, rng):
+    sd = dict(good_state(rng), num_batches_tracked=count)
+    primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd),
+                          match="num_batches_tracked")
+    # The largest count loads, and the state dict gives it back.
+    sd["num_batches_tracked"] = np.uint64(2**63 - 1)
+    bn = cpubn.BatchNorm(C, dtype=np.float64)
+    bn.load_state_dict(sd)
+    assert int(bn.state_dict()["num_batches_tracked"]) == 2**63 - 1
+
+
+@pytest.mark.parametrize("bad", [-1.0, -np.inf, -1e-30])
+def test_load_negative_running_var(primed, bad, rng):
+    sd = good_state(rng)
+    sd["running_var"][1] = bad
+    primed.expect_failure(ValueError, lambda: primed.bn.load_state_dict(sd), match="negative")
+
+
+def test_load_accepts_what_training_can_give(rng):
+    """NaN (training on data with a NaN) and inf (on data near float32's range) load."""
+    sd = good_state(rng)
+    sd["running_var"][0], sd["running_var"][1], sd["running_mean"][2] = np.nan, np.inf, np.nan
+    bn = cpubn.BatchNorm(C, dtype=np.float64)
+    bn.load_state_dict(sd)
+    assert np.isnan(bn.running_var[0]) and np.isinf(bn.running_var[1])
 
 
 def test_load_unexpected_key(primed, rng):
@@ -466,6 +516,22 @@ def test_multi_array_writes_fail_before_the_first(call, rng):
     with pytest.raises(ValueError, match="read-only"):
         getattr(bn, call)(state) if call == "load_state_dict" else getattr(bn, call)()
     assert_same_state(bn, before)
+
+
+# ------------------------------------------------------------------ out interleaved with x
+@pytest.mark.parametrize("axis", [1, -1])
+def test_out_interleaved_with_x_is_not_in_place(axis, rng):
+    """x and out take alternate columns of one buffer: their extents meet but they share
+    no element, so the forward is not in place and backward still has x."""
+    buffer = np.zeros((16, 2 * C), np.float32)
+    x, out = buffer[:, 0::2], buffer[:, 1::2]
+    x[...] = make_x(rng, (16, C), np.float32, axis)
+    assert not np.shares_memory(x, out)
+    bn, twin = cpubn.BatchNorm(C, axis=axis), cpubn.BatchNorm(C, axis=axis)
+    assert bn(x, out=out) is out
+    assert bitwise_equal(out, twin(x.copy()))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    assert bitwise_equal(bn.backward(dy), twin.backward(dy))
 
 
 # ------------------------------------------------------------------ out vs per-channel arrays

@@ -162,3 +162,18 @@ def test_functional_matches_module(rng):
     assert_close(dx, dx_mod, np.float64, "grad")
     assert_close(dw, bn.grad_weight, np.float64, "grad")
     assert_close(db, bn.grad_bias, np.float64, "grad")
+
+
+def test_layout_plans_tell_itemsizes_apart():
+    """float32 at byte strides (8, 24) is strided; float64 at the same byte strides is a
+    Fortran-ordered (3, 2) array, whose output keeps that order (the plan cache used to
+    hand it the float32's plan: a C-ordered output and an extra copy)."""
+    buffer = np.arange(12, dtype=np.float32)
+    strided = np.lib.stride_tricks.as_strided(buffer, (3, 2), (8, 24))
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float64).reshape(3, 2))
+    assert strided.strides == fortran.strides
+    for x in (strided, fortran):
+        y = cpubn.batch_norm(x, None, None, training=True)
+        np.testing.assert_allclose(y, cpubn.batch_norm(np.ascontiguousarray(x), None, None,
+                                                       training=True))
+    assert y.flags.f_contiguous and not y.flags.c_contiguous

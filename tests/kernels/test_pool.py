@@ -105,8 +105,10 @@ def test_pool_limit_zero_turns_recycling_off():
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
-def test_bad_pool_limit_is_an_error():
-    env = dict(os.environ, CPUBN_POOL_MIB="lots")
+# 2**44 MiB is 2**64 bytes: it used to wrap to a 0-byte limit, turning recycling off.
+@pytest.mark.parametrize("value", ["lots", "-1", str(2**44)])
+def test_bad_pool_limit_is_an_error(value):
+    env = dict(os.environ, CPUBN_POOL_MIB=value)
     done = subprocess.run([sys.executable, "-c", "import cpubn"], env=env,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "CPUBN_POOL_MIB" in done.stderr

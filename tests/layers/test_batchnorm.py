@@ -259,3 +259,37 @@ def test_running_stats_kernel_update_matches_the_numpy_one():
                 strided(x)
             np.testing.assert_array_equal(contiguous.running_mean, strided.running_mean)
             np.testing.assert_array_equal(contiguous.running_var, strided.running_var)
+
+
+def test_a_layer_refuses_a_second_thread_during_a_call():
+    """Two threads inside one layer would lose running-statistics updates and mix up the
+    saved forward: the second call raises RuntimeError while the first runs (its kernel
+    releases the GIL), and the first completes unharmed."""
+    import threading
+    layer = cpubn.BatchNorm(64)
+    x = np.random.default_rng(0).standard_normal((64, 64, 64, 64)).astype(np.float32)
+    errors, done = [], threading.Event()
+
+    def first_call():
+        try:
+            layer(x)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=first_call)
+    worker.start()
+    while layer._caller is None and not done.is_set():
+        pass
+    try:
+        layer(x[:2])
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    worker.join()
+    assert errors and "another thread" in errors[0]
+    assert layer.num_batches_tracked == 1
+    assert layer.backward(np.ones_like(x)).shape == x.shape      # the first call's forward
+    # One thread after another is fine.
+    later = threading.Thread(target=layer, args=(x[:4],))
+    later.start()
+    later.join()
+    assert layer.num_batches_tracked == 2

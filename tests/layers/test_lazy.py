@@ -236,7 +236,7 @@ def full_state(channels=3, **changes):
     (full_state(weight=np.ones((3, 1))), ValueError, "'weight' has shape \\(3, 1\\)"),
     (full_state(0), ValueError, "num_features >= 1"),
     (full_state(weight=np.ones(3, int)), TypeError, "float array"),
-    (full_state(num_batches_tracked=np.array(-1)), ValueError, ">= 0"),
+    (full_state(num_batches_tracked=np.array(-1)), ValueError, r"from 0 to 2\*\*63"),
     ({"num_batches_tracked": np.array(0)}, ValueError, "missing keys"),
 ], ids=["missing", "unexpected", "lengths-differ", "2d", "zero-length", "int",
         "negative-count", "no-arrays"])

@@ -217,6 +217,10 @@ BAD_FILES = {
     "object array": lambda p: _rewrite(p, weight=np.array([object()] * 4)),
     "other layer": lambda p: _rewrite(p, config=np.array(
         '{"format": 1, "training": true, "num_features": 4, "layer": "GhostOfBatchNorm"}')),
+    # A crafted num_features: checked against the file's arrays before the layer is built
+    # (2**45 used to raise MemoryError for 128 TiB; 2**31 touched 16 GiB, not tested here).
+    "huge num_features": lambda p: _rewrite(p, config=np.array(
+        '{"format": 1, "training": true, "num_features": 35184372088832}')),
 }
 
 

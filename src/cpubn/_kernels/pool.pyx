@@ -72,6 +72,10 @@ cdef size_t _limit_from_environment() except? 0:
         raise ValueError(f"CPUBN_POOL_MIB must be a whole number of MiB, got {text!r}") from None
     if mib < 0:
         raise ValueError(f"CPUBN_POOL_MIB must be >= 0, got {mib}")
+    # A limit in bytes must fit a size_t: larger ones wrapped to a small (even 0) limit.
+    if mib > (<size_t>-1) >> 20:
+        raise ValueError(f"CPUBN_POOL_MIB is too large ({mib} MiB: at most "
+                         f"{(<size_t>-1) >> 20})")
     return <size_t>mib << 20
 
 
