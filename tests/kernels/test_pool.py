@@ -185,3 +185,43 @@ def test_stream_threshold_follows_the_last_level_cache():
     assert _dispatch.stream_min_bytes(0) == 16 << 20           # unknown: the fixed default
     assert _dispatch.stream_min_bytes(32 << 20) == 16 << 20
     assert _dispatch.stream_min_bytes(480 << 20) == 60 << 20
+
+
+RSS_SCRIPT = """
+import numpy as np
+from cpubn._kernels import pool
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+# Freeing one large NumPy array raises glibc's mmap threshold (up to 32 MiB): malloc'ed
+# blocks below it then come from the heap, and free() keeps their pages.
+big = np.ones((30 << 20) // 8)
+del big
+blocks = [pool.empty((24 << 20,), np.uint8)[0] for _ in range(8)]
+for block in blocks:
+    block.fill(1)                       # every page touched
+# A small array allocated after them and kept: on the heap, it stops free() from trimming
+# the blocks below it off the heap's top.
+kept = np.ones((1 << 20) // 8)
+del blocks, block
+before = rss()
+released = pool.release_pooled_memory()
+after = rss()
+print(released, before - after)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.skipif(os.environ.get("CPUBN_SANITIZED") == "1",
+                    reason="the sanitizer's allocator changes what RSS measures")
+def test_released_memory_leaves_the_process():
+    """release_pooled_memory() gives its blocks back to the system, measured by RSS (not
+    by the count it returns)."""
+    env = dict(os.environ, CPUBN_POOL_MIB="1024")
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT], env=env, capture_output=True,
+                          text=True, check=True)
+    released, rss_drop = map(int, done.stdout.split())
+    assert released == 8 * (24 << 20)
+    assert rss_drop >= 0.9 * released, (released, rss_drop)

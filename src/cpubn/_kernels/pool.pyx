@@ -16,7 +16,6 @@ recently returned given back first, and release_pooled_memory() gives all of the
 """
 import os
 
-from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
@@ -25,25 +24,62 @@ cnp.import_array()
 
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <stdlib.h>
     #if defined(__linux__)
     #include <sys/mman.h>
+    #include <unistd.h>
     #endif
-    /* Transparent huge pages over the 2 MiB-aligned part of [p, p + n) (as NumPy does for
-     * its own large allocations): a page fault per 2 MiB instead of per 4 KiB the first
-     * time the block is written. */
-    static void cpubn_advise_huge_pages(void *p, size_t n)
+    /* A block's memory comes straight from the system (mmap) and goes straight back to it
+     * (munmap): malloc would take blocks below its mmap threshold from the heap, and glibc
+     * raises that threshold up to 32 MiB once any program frees a large array, after which
+     * free() keeps the pages and releasing the pool gives nothing back.  The mapping starts
+     * on a 2 MiB boundary, so transparent huge pages cover all of it (a page fault per
+     * 2 MiB instead of per 4 KiB the first time it is written).  Elsewhere: malloc. */
+    static size_t cpubn_block_bytes(size_t n)
     {
-    #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        const uintptr_t huge = (uintptr_t)1 << 21;
-        uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
-        uintptr_t stop = ((uintptr_t)p + n) & ~(huge - 1);
-        if (stop > start) (void)madvise((void *)start, (size_t)(stop - start), MADV_HUGEPAGE);
+    #if defined(__linux__)
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        return n == 0 ? page : (n + page - 1) / page * page;
     #else
-        (void)p; (void)n;
+        return n == 0 ? 1 : n;
+    #endif
+    }
+
+    static void *cpubn_block_alloc(size_t n)
+    {
+    #if defined(__linux__)
+        const size_t huge = (size_t)1 << 21;
+        size_t bytes = cpubn_block_bytes(n);
+        if (bytes > SIZE_MAX - huge) return NULL;
+        char *p = (char *)mmap(NULL, bytes + huge, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        char *start = (char *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+        if (start > p) (void)munmap(p, (size_t)(start - p));
+        char *end = p + bytes + huge;
+        if (end > start + bytes) (void)munmap(start + bytes, (size_t)(end - start - bytes));
+    #if defined(MADV_HUGEPAGE)
+        (void)madvise(start, bytes, MADV_HUGEPAGE);
+    #endif
+        return start;
+    #else
+        return malloc(cpubn_block_bytes(n));
+    #endif
+    }
+
+    static void cpubn_block_free(void *p, size_t n)
+    {
+    #if defined(__linux__)
+        if (p != NULL) (void)munmap(p, cpubn_block_bytes(n));
+    #else
+        (void)n;
+        free(p);
     #endif
     }
     """
-    void cpubn_advise_huge_pages(void* p, size_t n)
+    void* cpubn_block_alloc(size_t n)
+    void cpubn_block_free(void* p, size_t n)
 
 
 cdef enum:
@@ -85,7 +121,7 @@ limit = _limit_from_environment()
 cdef void drop_oldest() noexcept:
     global unused_count, unused_bytes
     cdef int i
-    free(unused_data[0])
+    cpubn_block_free(unused_data[0], unused_size[0])
     unused_bytes -= unused_size[0]
     for i in range(1, unused_count):
         unused_data[i - 1] = unused_data[i]
@@ -97,7 +133,7 @@ cdef void give_back(void* data, size_t size) noexcept:
     # A block nothing refers to any more: keep it (the oldest kept ones make room) or free it.
     global unused_count, unused_bytes
     if size > limit:
-        free(data)
+        cpubn_block_free(data, size)
         return
     while unused_count > 0 and (unused_count == MAX_UNUSED or unused_bytes + size > limit):
         drop_oldest()
@@ -155,10 +191,9 @@ def empty(shape, dtype):
     cdef void* data = take(size)
     cdef bint fresh = data == NULL
     if fresh:
-        data = malloc(size if size > 0 else 1)
+        data = cpubn_block_alloc(size)
         if data == NULL:
             raise MemoryError(f"cpubn: could not allocate {size} bytes for a result")
-        cpubn_advise_huge_pages(data, size)
     cdef Block block = Block.__new__(Block)
     block.data = data
     block.size = size
