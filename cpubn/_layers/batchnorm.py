@@ -6,7 +6,6 @@ raises leaves the object exactly as it was.
 import json
 import operator
 import os
-import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
@@ -40,7 +39,7 @@ _NamedArrays = tuple[tuple[object, str], ...]
 # neither is part of its state, so neither goes into a pickle (or a copy made by the copy
 # module).  _track_batch appears here when precise_statistics hooks an instance.
 _TRANSIENT = ("_saved", "_checked_params", "_checked_out", "_plans", "_track_batch",
-              "_caller")
+              "_busy")
 
 
 class _EvalRecord:
@@ -163,7 +162,7 @@ class BatchNorm:
     # The last forward's record for backward: a dispatch.Saved, or the subclass's own
     # kind (GhostSaved, SyncBatchNorm's empty slice), which only its own hooks read.
     _saved: Any
-    _caller: int | None             # the thread inside a forward or backward, if any
+    _busy: bool                     # a forward or backward is running: see _in_use_error
     _checked_params: tuple[bool, int, np.dtype[Any] | None,
                            tuple[NDArray[Any] | None, ...]] | None
     # The last forward `out` that passed check_out: see _check_forward_out.
@@ -205,7 +204,7 @@ class BatchNorm:
         self._checked_params = None
         self._checked_out = None
         self._plans = {}
-        self._caller = None
+        self._busy = False
 
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
@@ -226,65 +225,58 @@ class BatchNorm:
         y = act(bn(x) + residual).
 
         A layer serves one call at a time: a call while another thread's call on the same
-        layer runs raises RuntimeError (see _check_not_in_use)."""
-        me = self._check_not_in_use()
+        layer runs raises RuntimeError (see _in_use_error)."""
+        if self._busy:
+            raise self._in_use_error()
         try:
-            self._caller = me
-            return self._forward(x, out, residual)
+            self._busy = True
+            x, axis, layout = self._plan(x)
+            relu = check_activation(self.activation) is not None
+            if residual is not None:
+                residual = check_residual(residual, x)
+            weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
+            in_place = False
+            if out is not None:
+                out, in_place = self._check_forward_out(out, x, residual)
+            tracking = self.training and self.track_running_stats
+            if tracking:                        # checked before the kernel and any state change
+                check_state_array(self.running_mean, self.num_features, "running_mean")
+                check_state_array(self.running_var, self.num_features, "running_var")
+            if self.training or not self.track_running_stats:
+                y, saved = self._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
+            else:
+                y, saved = dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
+                                             running_var, params_checked=True, residual=residual,
+                                             relu=relu, layout=layout)
+            if tracking:
+                self._track_batch(saved, x.size // x.shape[axis])
+            if not saving_for_backward():
+                self._saved = _NothingSaved("it ran under cpubn.no_grad()")
+            elif in_place:
+                saved.x_dense = None            # overwritten in place: nothing to differentiate
+                saved.y_dense = None
+                self._saved = saved
+            elif self.training or not self.track_running_stats:
+                self._saved = saved
+            else:
+                self._saved = _EvalRecord(x, y, saved)
+            return y
         finally:
-            self._caller = None
+            self._busy = False
 
-    def _check_not_in_use(self) -> int:
-        """The calling thread's id, after checking that no other thread is inside a call
-        of this layer.  A layer has one saved forward and one running-statistics state, and
-        its kernels release the GIL: two threads inside one layer lose running-statistics
-        updates and mix up each other's saved forward, and serializing them would still
-        give one thread's backward the other's forward, so the second call raises.  The
-        caller marks the layer taken (_caller) as the first statement of its try block: no
-        other thread runs, and no signal handler, between this check and that mark, and an
-        interrupt after it finds the finally clause that clears the mark."""
-        me = threading.get_ident()
-        caller = self._caller
-        if caller is not None and caller != me:
-            raise RuntimeError(f"this {type(self).__name__} is running a call in another "
-                               f"thread: a layer holds one saved forward and one set of "
-                               f"running statistics, so give each thread its own layer "
-                               f"(copy.deepcopy)")
-        return me
-
-    def _forward(self, x: ArrayLike, out: NDArray[Any] | None,
-                 residual: ArrayLike | None) -> NDArray[Any]:
-        x, axis, layout = self._plan(x)
-        relu = check_activation(self.activation) is not None
-        if residual is not None:
-            residual = check_residual(residual, x)
-        weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
-        in_place = False
-        if out is not None:
-            out, in_place = self._check_forward_out(out, x, residual)
-        tracking = self.training and self.track_running_stats
-        if tracking:                        # checked before the kernel and any state change
-            check_state_array(self.running_mean, self.num_features, "running_mean")
-            check_state_array(self.running_var, self.num_features, "running_var")
-        if self.training or not self.track_running_stats:
-            y, saved = self._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
-        else:
-            y, saved = dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
-                                         running_var, params_checked=True, residual=residual,
-                                         relu=relu, layout=layout)
-        if tracking:
-            self._track_batch(saved, x.size // x.shape[axis])
-        if not saving_for_backward():
-            self._saved = _NothingSaved("it ran under cpubn.no_grad()")
-        elif in_place:
-            saved.x_dense = None            # overwritten in place: nothing to differentiate
-            saved.y_dense = None
-            self._saved = saved
-        elif self.training or not self.track_running_stats:
-            self._saved = saved
-        else:
-            self._saved = _EvalRecord(x, y, saved)
-        return y
+    # A layer serves one call at a time.  It has one saved forward and one running-
+    # statistics state, and its kernels release the GIL: two threads inside one layer
+    # lose running-statistics updates and mix up each other's saved forward, and
+    # serializing them would still give one thread's backward the other's forward, so the
+    # second call raises.  forward and backward check the layer's _busy flag and set it as
+    # the first statement of their try block: no other thread and no signal handler runs
+    # between the check and the mark (no call between them), and an interrupt after the
+    # mark finds the finally clause that clears it.  A lock would not do: an interrupt
+    # between its acquire and the try block keeps it held.
+    def _in_use_error(self) -> RuntimeError:
+        return RuntimeError(f"this {type(self).__name__} is running a call in another "
+                            f"thread: a layer holds one saved forward and one set of running "
+                            f"statistics, so give each thread its own layer (copy.deepcopy)")
 
     def clear_saved(self) -> None:
         """Drop what the last forward kept for backward (its input, and with ReLU its
@@ -458,12 +450,13 @@ class BatchNorm:
         gradient flows where the forward's output is > 0 (dy is the gradient of the
         activation's output).  ``out``: array for dx (dy's shape and dtype); it may be dy
         itself but must not overlap the saved input or the saved output."""
-        me = self._check_not_in_use()
+        if self._busy:
+            raise self._in_use_error()
         try:
-            self._caller = me
+            self._busy = True
             return self._backward(dy, out)
         finally:
-            self._caller = None
+            self._busy = False
 
     def _backward(self, dy: ArrayLike, out: NDArray[Any] | None) -> NDArray[Any] | Any:
         saved = self._saved

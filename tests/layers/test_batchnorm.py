@@ -278,7 +278,7 @@ def test_a_layer_refuses_a_second_thread_during_a_call():
 
     worker = threading.Thread(target=first_call)
     worker.start()
-    while layer._caller is None and not done.is_set():
+    while not layer._busy and not done.is_set():
         pass
     try:
         layer(x[:2])
