@@ -93,7 +93,9 @@ class BatchNorm:
     Training mode (the default; ``train()``) normalizes with the batch mean and biased
     variance and updates ``running_mean`` / ``running_var``:
     ``running = (1 - momentum) * running + momentum * batch`` using the unbiased batch
-    variance; ``momentum=None`` gives a cumulative average.  Eval mode (``eval()``) uses
+    variance; ``momentum=None`` gives a cumulative average (a momentum outside [0, 1], which
+    PyTorch accepts and extrapolates with, raises ValueError: no average has such a
+    weight).  Eval mode (``eval()``) uses
     the running statistics.  With ``track_running_stats=False`` batch statistics are used
     in both modes.
 
@@ -104,9 +106,10 @@ class BatchNorm:
     keeps nothing.  Do not modify the input in place before calling backward.  Pickling a
     layer (or copying it) keeps its state, not what it saved for backward.
 
-    Parameters and running statistics are stored in ``dtype`` (float32 or float64); float32,
-    float64, float16 and bfloat16 (ml_dtypes) inputs are accepted and the output has the
-    input's dtype, shape and memory order.  Half-precision inputs are computed in float32
+    Parameters and running statistics are stored in ``dtype`` (float32 or float64: unlike
+    PyTorch, not float16 or bfloat16; half-precision state dicts are widened exactly on
+    load); float32, float64, float16 and bfloat16 (ml_dtypes) inputs are accepted and the
+    output has the input's dtype, shape and memory order.  Half-precision inputs are computed in float32
     with the parameters read as float32 (PyTorch's "mixed type"), and rounded once.
 
     Fused epilogue: ``activation="relu"`` returns relu(bn(x)) and ``bn(x, residual=r)``
