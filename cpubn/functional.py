@@ -53,6 +53,10 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
     normalized values, and ``activation="relu"`` applies max(., 0):
     y = relu(bn(x) + residual).  Keep y for batch_norm_backward: its sign is the ReLU
     mask.
+
+    An empty batch (a zero-length axis other than the feature axis) gives an empty y, as
+    in PyTorch, and moves no running statistic; save_mean and save_invstd are then NaN in
+    training (the statistics of no values) and the running ones' in eval.
     """
     data, feature_axis = check_data(x, axis)
     training = check_bool(training, "training")
@@ -71,6 +75,9 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                                             running_var=running_var)
                     + (() if residual_array is None
                        else ((residual_array, "the residual"),)))
+    if data.size == 0:
+        return _forward_empty_batch(data, channels, out, running_mean, running_var, training,
+                                    eps)
     if training:
         check_batch_stats_possible(data, feature_axis)
         y, saved = dispatch.forward(data, feature_axis, weights, biases, eps, out,
@@ -85,6 +92,21 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                                      running_mean, running_var, residual=residual_array,
                                      relu=relu)
     return y, saved.mean, saved.invstd
+
+
+def _forward_empty_batch(data: NDArray[Any], channels: int, out: NDArray[Any] | None,
+                         running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
+                         training: bool, eps: float
+                         ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
+    """An empty batch, as PyTorch takes one: an empty y and no running statistic moved.
+    The statistics of no values are NaN in training; in eval they are the running ones."""
+    y = np.empty_like(data) if out is None else out
+    if training:
+        return y, np.full(channels, np.nan), np.full(channels, np.nan)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    mean = np.asarray(running_mean, np.float64)
+    return y, mean.copy(), 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
 
 
 def batch_norm(x: ArrayLike, running_mean: NDArray[Any] | None, running_var: NDArray[Any] | None,
@@ -167,13 +189,19 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     out = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
                     must_not_overlap=((data, "x"),) + (((output, "y"),) if relu else ())
                     + _named(weight=weights, save_mean=mean, save_invstd=invstd))
+    grad_dtype = weights.dtype if weights is not None else dispatch.param_dtype(data.dtype)
+    if data.size == 0:                  # an empty batch: nothing flows, nothing adds up
+        dx = np.empty_like(grad_y) if out is None else out
+        zeros = np.zeros(channels, grad_dtype)
+        if residual:
+            return dx, zeros, zeros.copy(), np.empty_like(grad_y)
+        return dx, zeros, zeros.copy()
     layout = plan(data, feature_axis)
     stats = np.concatenate([mean, invstd]).astype(np.float64, copy=False)
     saved = dispatch.Saved(layout.dense(data), layout, stats, bool(training),
                             layout.dense(output) if output is not None else None,
                             bool(residual))
     dx, grads, dresidual = dispatch.backward(grad_y, saved, weights, out)
-    grad_dtype = weights.dtype if weights is not None else dispatch.param_dtype(data.dtype)
     dweight, dbias = grads[:channels].astype(grad_dtype), grads[channels:].astype(grad_dtype)
     if residual:
         assert dresidual is not None                # the Saved had residual=True

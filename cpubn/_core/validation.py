@@ -103,8 +103,10 @@ def check_data(x: object, axis: object, num_features: int | None = None,
         raise ValueError(f"{name} has {array.shape[index]} features on axis {index} "
                          f"(shape {array.shape}), expected num_features={num_features}"
                          f"{_axis_hint(array.shape, index, num_features)}")
-    if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
+    if array.shape[index] == 0:
+        raise ValueError(f"{name} has no features on axis {index} (shape {array.shape})")
+    # Other empty axes are an empty batch, which the layers and the functional API take as
+    # PyTorch does (an empty result, no statistics moved).
     return array, index
 
 

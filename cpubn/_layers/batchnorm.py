@@ -75,6 +75,15 @@ def _check_file_shapes(num_features: object, state: Mapping[str, NDArray[Any]]) 
                              f"num_features is {num_features!r}")
 
 
+class _EmptyBatch:
+    """The record of a forward on an empty batch: what its backward checks dy against."""
+
+    __slots__ = ("shape", "dtype", "residual")
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any], residual: bool) -> None:
+        self.shape, self.dtype, self.residual = shape, dtype, residual
+
+
 class _NothingSaved:
     """The record of a forward that kept nothing for backward, and why."""
 
@@ -234,6 +243,8 @@ class BatchNorm:
         try:
             self._busy = True
             x, axis, layout = self._plan(x)
+            if x.size == 0:
+                return self._forward_empty_batch(x, out, residual)
             relu = check_activation(self.activation) is not None
             if residual is not None:
                 residual = check_residual(residual, x)
@@ -280,6 +291,24 @@ class BatchNorm:
         return RuntimeError(f"this {type(self).__name__} is running a call in another "
                             f"thread: a layer holds one saved forward and one set of running "
                             f"statistics, so give each thread its own layer (copy.deepcopy)")
+
+    def _forward_empty_batch(self, x: NDArray[Any], out: NDArray[Any] | None,
+                             residual: ArrayLike | None) -> NDArray[Any]:
+        """An empty batch, as PyTorch takes one: an empty output, every argument checked as
+        for any call; in training the batch is counted (num_batches_tracked) but moves no
+        statistic; its backward gives an empty dx and adds nothing to the gradients."""
+        check_activation(self.activation)
+        residual_array = None if residual is None else check_residual(residual, x)
+        self._kernel_params(x.dtype)
+        checked = check_out(out, x, may_alias=((x, "the input"),),
+                            must_not_overlap=self._per_channel_arrays())
+        y = np.empty_like(x) if checked is None else checked
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1   # type: ignore[operator]  # tracking: an int
+        self._saved = (_EmptyBatch(x.shape, x.dtype, residual_array is not None)
+                       if saving_for_backward()
+                       else _NothingSaved("it ran under cpubn.no_grad()"))
+        return y
 
     def clear_saved(self) -> None:
         """Drop what the last forward kept for backward (its input, and with ReLU its
@@ -471,6 +500,12 @@ class BatchNorm:
                              f"({saved.reason})")
         if isinstance(saved, _EvalRecord):
             saved = saved.revive()
+        if isinstance(saved, _EmptyBatch):
+            grad_y = check_like(dy, saved.shape, saved.dtype, "dy", "the last input")
+            checked = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
+                                must_not_overlap=self._per_channel_arrays())
+            dx = np.empty_like(grad_y) if checked is None else checked
+            return (dx, np.empty_like(grad_y)) if saved.residual else dx
         if saved.x_dense is None:
             raise ValueError("backward() after an in-place forward (out=x): the input it "
                              "needs was overwritten; use a separate out array")

@@ -96,7 +96,7 @@ class LazyBatchNorm(BatchNorm):
     def forward(self, x: ArrayLike, *args: Any, **kwargs: Any) -> NDArray[Any]:
         if self.num_features is None:
             data, axis = check_data(x, self.axis)
-            if self.training or not self.track_running_stats:
+            if (self.training or not self.track_running_stats) and data.size:
                 check_batch_stats_possible(data, axis)
             # Checks of the other arguments (out, ...) run inside BatchNorm.forward; if
             # they fail, the layer goes back to unmaterialized.
