@@ -14,7 +14,8 @@ from .._kernels import backward as _backward
 from .._kernels import forward as _forward
 from .._kernels import pool as _pool
 from .machine import data_caches, last_level_cache_bytes
-from .overflow import all_finite, redo_backward_sums, redo_forward_statistics
+from .overflow import (all_finite, redo_backward_sums, redo_eval_channels,
+                       redo_forward_statistics)
 from .layout import Layout, plan
 from .validation import is_half
 
@@ -184,8 +185,10 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
         if not params_checked:
             running_mean, running_var, weight, bias = kernel_params(
                 x.dtype, running_mean, running_var, weight, bias)
-        _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
-                              eps, stats, n, channels, s, n_threads, stream, residual, relu)
+        if _forward.forward_eval(x_dense, y_dense, running_mean, running_var, weight, bias,
+                                 eps, stats, n, channels, s, n_threads, stream, residual,
+                                 relu):            # float constants beyond float's range
+            redo_eval_channels(x_dense, y_dense, layout, stats, weight, bias, residual, relu)
     return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None,
                                                 y_dense if relu else None,
                                                 residual is not None)

@@ -74,6 +74,42 @@ def redo_forward_statistics(x_dense: NDArray[Any], y_dense: NDArray[Any], layout
             _channel(y_dense, layout, c)[...] = out
 
 
+# A float x - mean overflows for finite x once |mean| rounds to 2**103 or more (half an
+# ulp of float32's largest value); the eval kernel flags such channels, and those whose
+# float scale or shift is beyond float32's range.
+_FLOAT_MEAN_LIMIT = 2.0 ** 103
+_FLOAT_MAX = float(np.finfo(np.float32).max)
+
+
+def redo_eval_channels(x_dense: NDArray[Any], y_dense: NDArray[Any], layout: Layout,
+                       stats: NDArray[np.float64], weight: NDArray[Any] | None,
+                       bias: NDArray[Any] | None, residual_dense: NDArray[Any] | None,
+                       relu: bool) -> None:
+    """After an eval forward computed in float that flagged channels whose constants may
+    overflow (a mean of magnitude 2**103 or more, a scale or shift beyond float32): those
+    channels of y in float64, rounded once, as the float64 reference gives them.  stats:
+    the forward's [mean, invstd] (float64)."""
+    channels = layout.kernel_dims[1]
+    mean, invstd = stats[:channels], stats[channels:2 * channels]
+    gamma = np.ones(channels) if weight is None else weight.astype(np.float64)
+    beta = np.zeros(channels) if bias is None else bias.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = invstd * gamma
+        mean_hi = mean.astype(np.float32).astype(np.float64)
+        shift = beta - (mean - mean_hi) * scale
+        flagged = ~((np.abs(mean_hi) < _FLOAT_MEAN_LIMIT) & (np.abs(scale) <= _FLOAT_MAX)
+                    & (np.abs(shift) <= _FLOAT_MAX))
+    for c in np.flatnonzero(flagged):
+        values = _channel(x_dense, layout, c).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (values - mean[c]) * scale[c] + beta[c]
+            if residual_dense is not None:
+                out += _channel(residual_dense, layout, c)
+            if relu:
+                np.maximum(out, 0.0, out=out)
+            _channel(y_dense, layout, c)[...] = out
+
+
 def redo_backward_sums(dy_dense: NDArray[Any], x_dense: NDArray[Any], dx_dense: NDArray[Any],
                        y_dense: NDArray[Any] | None, layout: Layout,
                        stats: NDArray[np.float64], weight: NDArray[Any] | None,

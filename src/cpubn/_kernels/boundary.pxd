@@ -152,9 +152,10 @@ cdef inline int check_no_overlap(object a, object b, str name_a, str name_b,
 
 
 cdef enum:
-    # Kernel status codes (0: success).
+    # Kernel status codes (0: success; positive: success with a request to the caller).
     OUT_OF_MEMORY = -1
     UNSUPPORTED_TYPES = -2
+    WIDE_NEEDED = 1         # eval: some channels need a float64 recomputation
 
 
 cdef inline check_status(int status):
