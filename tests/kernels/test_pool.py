@@ -105,7 +105,8 @@ def test_pool_limit_zero_turns_recycling_off():
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
-# 2**44 MiB is 2**64 bytes: it used to wrap to a 0-byte limit, turning recycling off.
+# 2**44 MiB does not fit a 64-bit byte count: it used to wrap to a zero limit, turning
+# recycling off.
 @pytest.mark.parametrize("value", ["lots", "-1", str(2**44)])
 def test_bad_pool_limit_is_an_error(value):
     env = dict(os.environ, CPUBN_POOL_MIB=value)
@@ -195,8 +196,8 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
 
-# Freeing one large NumPy array raises glibc's mmap threshold (up to 32 MiB): malloc'ed
-# blocks below it then come from the heap, and free() keeps their pages.
+# Freeing one large NumPy array raises glibc's mmap threshold above the blocks' size:
+# malloc'ed blocks then come from the heap, and free() keeps their pages.
 big = np.ones((30 << 20) // 8)
 del big
 blocks = [pool.empty((24 << 20,), np.uint8)[0] for _ in range(8)]

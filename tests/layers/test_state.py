@@ -218,7 +218,8 @@ BAD_FILES = {
     "other layer": lambda p: _rewrite(p, config=np.array(
         '{"format": 1, "training": true, "num_features": 4, "layer": "GhostOfBatchNorm"}')),
     # A crafted num_features: checked against the file's arrays before the layer is built
-    # (2**45 used to raise MemoryError for 128 TiB; 2**31 touched 16 GiB, not tested here).
+    # (it used to allocate that many values per array first: a MemoryError here, an OOM
+    # kill for smaller crafted values, which are not tested for that reason).
     "huge num_features": lambda p: _rewrite(p, config=np.array(
         '{"format": 1, "training": true, "num_features": 35184372088832}')),
 }
