@@ -16,9 +16,7 @@ Environment switches (all optional):
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 from pathlib import Path

@@ -2,7 +2,6 @@
 # step with its `def` functions; tests/package/test_typing.py compares them).
 from typing import Any
 
-import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 class Block:
