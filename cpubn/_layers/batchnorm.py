@@ -236,12 +236,14 @@ class BatchNorm:
         and out must not overlap it) added before the activation:
         y = act(bn(x) + residual).
 
-        A layer serves one call at a time: a call while another thread's call on the same
-        layer runs raises RuntimeError (see _in_use_error)."""
-        if self._busy:
+        A training-mode forward or a backward while another thread's training forward or
+        backward runs on the same layer raises RuntimeError (see _in_use_error); eval-mode
+        forwards may share a layer between threads (inference serving)."""
+        if self.training and self._busy:
             raise self._in_use_error()
         try:
-            self._busy = True
+            if self.training:
+                self._busy = True
             x, axis, layout = self._plan(x)
             if x.size == 0:
                 return self._forward_empty_batch(x, out, residual)
@@ -276,17 +278,20 @@ class BatchNorm:
                 self._saved = _EvalRecord(x, y, saved)
             return y
         finally:
-            self._busy = False
+            if self.training:
+                self._busy = False
 
-    # A layer serves one call at a time.  It has one saved forward and one running-
-    # statistics state, and its kernels release the GIL: two threads inside one layer
+    # A layer trains one call at a time.  It has one saved forward and one running-
+    # statistics state, and its kernels release the GIL: two threads training one layer
     # lose running-statistics updates and mix up each other's saved forward, and
     # serializing them would still give one thread's backward the other's forward, so the
-    # second call raises.  forward and backward check the layer's _busy flag and set it as
-    # the first statement of their try block: no other thread and no signal handler runs
-    # between the check and the mark (no call between them), and an interrupt after the
-    # mark finds the finally clause that clears it.  A lock would not do: an interrupt
-    # between its acquire and the try block keeps it held.
+    # second call raises.  Eval-mode forwards change no state but the saved record, so
+    # threads serving inference may share a layer; their backward is the one thing they
+    # cannot share.  Training forwards and backward check the layer's _busy flag and set
+    # it as the first statement of their try block: no other thread and no signal handler
+    # runs between the check and the mark (no call between them), and an interrupt after
+    # the mark finds the finally clause that clears it.  A lock would not do: an
+    # interrupt between its acquire and the try block keeps it held.
     def _in_use_error(self) -> RuntimeError:
         return RuntimeError(f"this {type(self).__name__} is running a call in another "
                             f"thread: a layer holds one saved forward and one set of running "

@@ -293,3 +293,30 @@ def test_a_layer_refuses_a_second_thread_during_a_call():
     later.start()
     later.join()
     assert layer.num_batches_tracked == 2
+
+
+def test_threads_may_share_a_layer_for_inference():
+    """Eval-mode forwards change no state: threads serving inference share one layer, and
+    each gets the bits a lone call gives."""
+    import threading
+    layer = cpubn.BatchNorm(64).eval()
+    layer.running_mean[...] = np.linspace(-1, 1, 64)
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((16, 64, 32, 32)).astype(np.float32) for _ in range(4)]
+    expected = [layer(x) for x in inputs]
+    results, errors = [None] * 4, []
+
+    def serve(i):
+        try:
+            for _ in range(5):
+                results[i] = layer(inputs[i])
+        except Exception as exc:            # pragma: no cover - the failure being tested
+            errors.append(exc)
+
+    workers = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert all(bitwise_equal(r, e) for r, e in zip(results, expected))
