@@ -105,7 +105,7 @@ def test_pool_limit_zero_turns_recycling_off():
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
-# 2**44 MiB does not fit a 64-bit byte count: it used to wrap to a zero limit, turning
+# A limit too large for a 64-bit byte count used to wrap to a zero limit, turning
 # recycling off.
 @pytest.mark.parametrize("value", ["lots", "-1", str(2**44)])
 def test_bad_pool_limit_is_an_error(value):
