@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 
 # threads first: it loads the OpenMP runtime with cpubn's wait policy, which
 # must happen before the kernel modules (linked against the runtime) are imported.
-from .threads import threads_for  # isort: skip
+from .threads import team_finished, threads_for  # isort: skip
 from .._kernels import backward as _backward
 from .._kernels import forward as _forward
 from .._kernels import pool as _pool
@@ -189,6 +189,7 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
                                  eps, stats, n, channels, s, n_threads, stream, residual,
                                  relu):            # float constants beyond float's range
             redo_eval_channels(x_dense, y_dense, layout, stats, weight, bias, residual, relu)
+    team_finished(n_threads)
     return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None,
                                                 y_dense if relu else None,
                                                 residual is not None)
@@ -208,9 +209,11 @@ def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
     grads = np.empty(2 * channels)
     (weight,) = kernel_params(dy.dtype, weight)
     dresidual = _output(dy.dtype, layout, None)[0] if saved.residual else None
+    n_threads = threads_for(dy.size)
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
-                       saved.batch_stats, grads, n, channels, s, threads_for(dy.size),
+                       saved.batch_stats, grads, n, channels, s, n_threads,
                        stream, saved.y_dense, dresidual)
+    team_finished(n_threads)
     if not all_finite(grads):                   # overflowed float32 sums, or NaN/Inf data
         redo_backward_sums(dy_dense, saved.x_dense, dx_dense, saved.y_dense, layout,
                            saved.stats, weight, saved.batch_stats, grads)
@@ -278,5 +281,7 @@ def batch_statistics(x: NDArray[Any], axis: int, eps: float) -> Saved:
     x_dense = layout.dense(x)
     n, channels, s = layout.kernel_dims
     stats = np.empty(3 * channels)
-    _forward.batch_stats(x_dense, eps, stats, n, channels, s, threads_for(x.size))
+    n_threads = threads_for(x.size)
+    _forward.batch_stats(x_dense, eps, stats, n, channels, s, n_threads)
+    team_finished(n_threads)
     return Saved(x_dense, layout, stats, True)

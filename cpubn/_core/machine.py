@@ -47,18 +47,40 @@ def usable_cpus() -> int:
 _loadavg_fd: int | None = None
 
 
-def idle_cpus() -> int | None:
-    """CPUs of the machine not running a task right now, plus the caller's own: from the
+def affinity_is_restricted() -> bool:
+    """Whether this process may run on fewer CPUs than the machine has (taskset, a
+    container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
+
+
+_restricted: bool | None = None     # cached affinity_is_restricted()
+_machine_cpus = os.cpu_count() or 1  # os.cpu_count() reads sysfs on every call
+
+
+def idle_cpus(own_tasks: int = 1) -> int | None:
+    """CPUs this process may use that no other process's task needs right now: from the
     instantaneous count of runnable tasks in Linux's /proc/loadavg (the file is kept open,
-    so a call is one read), or None where that is not available."""
-    global _loadavg_fd
+    so a call is one read), less own_tasks (this process's tasks running now: the caller,
+    and OpenMP workers still spinning), at most usable_cpus().  None where nothing is
+    known: no /proc/loadavg, or an affinity mask narrower than the machine, where the
+    machine-wide count says nothing about this process's own CPUs (a container pinned to
+    its cores on a busy host has them to itself)."""
+    global _loadavg_fd, _restricted
+    if _restricted is None:
+        _restricted = affinity_is_restricted()
+    if _restricted:
+        return None
     try:
         if _loadavg_fd is None:
             _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY)
         running = int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return (os.cpu_count() or 1) - running + 1
+    neighbours = max(0, running - own_tasks)
+    return min(usable_cpus(), _machine_cpus - neighbours)
 
 
 _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}     # sysfs cache sizes: "512K"

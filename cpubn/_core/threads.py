@@ -19,7 +19,9 @@ _after_fork_in_child.
 import contextlib
 import operator
 import os
+import platform
 import threading
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import SupportsIndex
@@ -27,26 +29,38 @@ from typing import SupportsIndex
 from . import machine
 
 
+# How long (in iterations of a pause loop) the OpenMP runtime's threads spin waiting for
+# work before they sleep (libgomp's GOMP_SPINCOUNT).  Long enough to cover the gap between
+# the parallel regions of one call and between back-to-back calls; short enough that an
+# idle team gives its cores back after a fraction of a millisecond.
+SPIN_COUNT = 30000
+
+
 def _load_openmp_runtime() -> ModuleType:
     """Import the compiled runtime module, and with it the OpenMP runtime, with threads
-    that sleep instead of spinning when they wait (OMP_WAIT_POLICY=passive).
+    that spin briefly and then sleep when they wait (GOMP_SPINCOUNT=SPIN_COUNT; for LLVM's
+    runtime KMP_BLOCKTIME=1, its shortest spin in milliseconds but one).
 
-    On a shared machine a spinning thread holds its core while it waits at a barrier,
-    and a team member preempted by another process stalls every call for a scheduler
-    slice, so the tail latency beside a busy neighbour is many times the median.  Passive
-    threads cost a wake-up per parallel region instead, which PARALLEL_MIN_ELEMENTS keeps
-    off small calls.  The runtime reads
-    the variable once, when it is loaded; it is removed again right after, so child
-    processes and other libraries' runtimes do not see it.  A user's own OMP_WAIT_POLICY
-    or GOMP_SPINCOUNT wins; a runtime that something else loaded first keeps its own."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+    A thread that sleeps at once (OMP_WAIT_POLICY=passive) must be woken for every
+    parallel region, and on a virtual machine a wake-up costs about as much as a whole
+    mid-sized call, which then runs slower on two threads than on one.  A thread that
+    spins for ever (OMP_WAIT_POLICY=active, or the runtimes' defaults of hundreds of
+    milliseconds) holds its core long after the call, against a neighbour or the BLAS
+    threads of the next matrix product.  A bounded spin keeps the team awake through a
+    call and between close calls, and then sleeps.  The runtime reads the variables once,
+    when it is loaded; they are removed again right after, so child processes and other
+    libraries' runtimes do not see them.  A user's own OMP_WAIT_POLICY, GOMP_SPINCOUNT or
+    KMP_BLOCKTIME wins; a runtime that something else loaded first keeps its own."""
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    if any(name in os.environ for name in names):
         from .._kernels import runtime
         return runtime
-    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    os.environ["KMP_BLOCKTIME"] = "1"
     try:
         from .._kernels import runtime
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["GOMP_SPINCOUNT"], os.environ["KMP_BLOCKTIME"]
     return runtime
 
 
@@ -73,9 +87,17 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):        # POSIX; elsewhere there is no fork()
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# Below this many elements a kernel call runs on one thread: with passive waiting, waking
-# a second thread costs about what it saves up to about a million elements.
-PARALLEL_MIN_ELEMENTS = 3 << 19
+# Below this many elements a kernel call runs on one thread: with the team kept awake by
+# SPIN_COUNT, a second thread pays for its fork and join from about this size on.
+PARALLEL_MIN_ELEMENTS = 1 << 17
+
+# After a parallel call, its team's workers spin (SPIN_COUNT) and count as running tasks
+# in the machine's run queue, where they would look like a busy neighbour to the next
+# call.  For this long after a call they are known to be still spinning, and are not
+# counted.  It must stay below the spin's length, or a worker that has gone to sleep
+# would hide a neighbour: on x86-64 a pause instruction bounds the spin from below on
+# every CPU; elsewhere the runtime's spin loop may be much shorter, so none is trusted.
+TEAM_SPIN_SECONDS = 150e-6 if platform.machine().lower() in ("x86_64", "amd64") else 0.0
 
 # The largest explicit thread count accepted.  Asking the OpenMP runtime for more threads
 # than the system can create ends the process (libgomp prints "Thread creation failed"
@@ -163,15 +185,30 @@ def threads_for(n_elements: int) -> int:
     moment (at least one): a team member that has to wait for a core busy with another
     process stalls the whole call at its closing barrier, so beside a busy neighbour one
     thread is faster than two.  An explicit count (set_num_threads, threads(n)) is used
-    as is."""
+    as is.  The caller reports the end of a parallel call with team_finished."""
     if n_elements < PARALLEL_MIN_ELEMENTS:
         return 1
     n_threads = get_num_threads()
     if n_threads > 1 and _is_automatic():
-        idle = machine.idle_cpus()
+        own_tasks = 1 + (_spinning_workers if time.perf_counter() < _spinning_until else 0)
+        idle = machine.idle_cpus(own_tasks)
         if idle is not None:
             n_threads = max(1, min(n_threads, idle))
     return n_threads
+
+
+_spinning_workers = 0       # workers of the last parallel call (team_finished)
+_spinning_until = 0.0       # when they may have stopped spinning (perf_counter seconds)
+
+
+def team_finished(n_threads: int) -> None:
+    """Note that a kernel call on n_threads threads has just returned: its workers spin
+    for a while (SPIN_COUNT), which the next call's idle count must not take for a
+    neighbour's tasks."""
+    global _spinning_workers, _spinning_until
+    if n_threads > 1:
+        _spinning_workers = n_threads - 1
+        _spinning_until = time.perf_counter() + TEAM_SPIN_SECONDS
 
 
 def openmp_enabled() -> bool:

@@ -219,17 +219,23 @@ def test_threads_context_is_per_python_thread():
 
 
 # ------------------------------------------------------------------ OpenMP wait policy
-@pytest.mark.parametrize("user_value", [None, "active"])
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+@pytest.mark.parametrize("user_value", [None, ("OMP_WAIT_POLICY", "active"),
+                                        ("GOMP_SPINCOUNT", "5")])
 def test_wait_policy_is_not_left_in_the_environment(user_value):
     code = ("import os, cpubn\n"
-            "print(os.environ.get('OMP_WAIT_POLICY'))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            f"print([os.environ.get(k) for k in {WAIT_VARIABLES!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+    expected = [None] * len(WAIT_VARIABLES)
     if user_value is not None:
-        env["OMP_WAIT_POLICY"] = user_value
+        env[user_value[0]] = user_value[1]
+        expected[WAIT_VARIABLES.index(user_value[0])] = user_value[1]
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(user_value)
+    assert result.stdout.strip() == str(expected)
 
 
 def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
@@ -237,17 +243,86 @@ def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
     big = thread_control.PARALLEL_MIN_ELEMENTS
     cpubn.set_num_threads(None)
     monkeypatch.setattr(thread_control, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 1)     # a busy neighbour
+    monkeypatch.setattr(thread_control, "_spinning_until", 0.0)
+
+    def idle(value):
+        return lambda own_tasks=1: value
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", idle(1))     # a busy neighbour
     assert thread_control.threads_for(big) == 1
-    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: 3)
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", idle(3))
     assert thread_control.threads_for(big) == 3
-    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: None)   # no /proc/loadavg
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", idle(None))  # nothing known
     assert thread_control.threads_for(big) == 4
-    monkeypatch.setattr(thread_control.machine, "idle_cpus", lambda: -5)
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", idle(-5))
     assert thread_control.threads_for(big) == 1
     assert thread_control.threads_for(big - 1) == 1
     with cpubn.threads(4):                 # an explicit count is used as is
         assert thread_control.threads_for(big) == 4
+
+
+def test_own_spinning_workers_are_not_taken_for_neighbours(monkeypatch):
+    """Right after a parallel call its workers still spin: the next call's idle count
+    leaves them out, and counts them again once they may have gone to sleep."""
+    import cpubn._core.threads as thread_control
+    big = thread_control.PARALLEL_MIN_ELEMENTS
+    cpubn.set_num_threads(None)
+    monkeypatch.setattr(thread_control, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(thread_control, "TEAM_SPIN_SECONDS", 3600.0)
+    asked = []
+
+    def idle(own_tasks=1):
+        asked.append(own_tasks)
+        return 4
+    monkeypatch.setattr(thread_control.machine, "idle_cpus", idle)
+    monkeypatch.setattr(thread_control, "_spinning_until", 0.0)
+    thread_control.threads_for(big)
+    thread_control.team_finished(1)            # a serial call leaves no team spinning
+    thread_control.threads_for(big)
+    thread_control.team_finished(3)            # the caller plus two spinning workers
+    thread_control.threads_for(big)
+    monkeypatch.setattr(thread_control, "_spinning_until", 0.0)    # the window is over
+    thread_control.threads_for(big)
+    assert asked == [1, 1, 3, 1]
+
+
+@pytest.fixture
+def fake_run_queue(monkeypatch, tmp_path):
+    """machine.idle_cpus reading a loadavg file of ours on a 4-CPU machine."""
+    import cpubn._core.machine as machine
+    loadavg = tmp_path / "loadavg"
+    fd = os.open(loadavg, os.O_RDWR | os.O_CREAT)
+    monkeypatch.setattr(machine, "_loadavg_fd", fd)
+    monkeypatch.setattr(machine, "_restricted", False)
+    monkeypatch.setattr(machine, "_machine_cpus", 4)
+    monkeypatch.setattr(machine, "_usable", 4)
+
+    def set_running(count):
+        os.pwrite(fd, f"0.50 0.40 0.30 {count}/321 4242\n".encode().ljust(64), 0)
+    yield machine, set_running
+    os.close(fd)
+
+
+def test_idle_cpus_counts_other_tasks(fake_run_queue, monkeypatch):
+    machine, set_running = fake_run_queue
+    set_running(1)                             # only the caller
+    assert machine.idle_cpus() == 4
+    set_running(3)                             # the caller and two neighbours
+    assert machine.idle_cpus() == 2
+    assert machine.idle_cpus(own_tasks=3) == 4     # ... or two of its own workers
+    set_running(9)
+    assert machine.idle_cpus() == -4
+    monkeypatch.setattr(machine, "_usable", 2)     # a CPU quota of 2
+    set_running(1)
+    assert machine.idle_cpus() == 2
+
+
+def test_idle_cpus_unknown_for_a_pinned_process(fake_run_queue, monkeypatch):
+    """An affinity mask narrower than the machine: the machine-wide run queue says
+    nothing about this process's CPUs."""
+    machine, set_running = fake_run_queue
+    set_running(20)
+    monkeypatch.setattr(machine, "_restricted", True)
+    assert machine.idle_cpus() is None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux /proc")
