@@ -20,8 +20,10 @@ from .layout import Layout, plan
 from .validation import is_half
 
 
-# Results at least this large come from cpubn._kernels.pool (recycled, already-mapped memory).
-POOL_MIN_BYTES = 16 << 20
+# Results at least this large come from cpubn._kernels.pool (recycled, already-mapped
+# memory): from about this size malloc hands out fresh pages, whose first-touch faults
+# cost as much as a mid-sized call's whole work; below it, its free lists reuse memory.
+POOL_MIN_BYTES = 64 << 10
 
 
 def stream_min_bytes(last_level_cache: int) -> int:

@@ -1,5 +1,5 @@
 """Recycled memory for large results (cpubn._kernels.pool): an allocating call on a tensor of at
-least 16 MiB reuses the memory of a result nothing refers to any more, and never memory
+least 64 KiB reuses the memory of a result nothing refers to any more, and never memory
 that something can still reach."""
 import os
 import subprocess
@@ -35,6 +35,25 @@ def test_a_dropped_result_is_reused_and_correct(rng):
     expected = ref.normalize(x, np.zeros(8), ref.invstd_of(np.ones(8), 1e-5),
                              np.ones(8), np.zeros(8))
     assert_close(y2, expected, np.float64)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 1024), (1024, 1024)])   # 64 KiB - 4 MiB
+def test_mid_sized_results_come_from_the_pool(rng, shape):
+    """From 64 KiB (an MLP's activations) a result reuses mapped memory: a fresh
+    allocation of that size pays a page fault per page, as much as the kernel's work."""
+    x = make_x(rng, shape, np.float32)
+    bn = cpubn.BatchNorm(shape[1])
+    y = bn(x)
+    assert isinstance(y.base, _pool.Block)
+    address = y.ctypes.data
+    del y
+    assert bn(x).ctypes.data == address
+
+
+def test_small_results_are_ordinary_arrays(rng):
+    x = make_x(rng, (16, 128), np.float32)        # 8 KiB: malloc's own free lists serve it
+    y = cpubn.BatchNorm(128)(x)
+    assert y.base is None and y.flags.owndata
 
 
 def test_memory_still_reachable_is_never_reused(rng):
