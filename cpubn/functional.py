@@ -69,12 +69,13 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
     biases = check_channel_array(bias, channels, "bias")
     running_mean = _check_running_buffer(running_mean, channels, "running_mean", training)
     running_var = _check_running_buffer(running_var, channels, "running_var", training)
-    out = check_out(out, data, may_alias=((data, "the input"),),
-                    must_not_overlap=_named(weight=weights, bias=biases,
-                                            running_mean=running_mean,
-                                            running_var=running_var)
-                    + (() if residual_array is None
-                       else ((residual_array, "the residual"),)))
+    if out is not None:
+        out = check_out(out, data, may_alias=((data, "the input"),),
+                        must_not_overlap=_named(weight=weights, bias=biases,
+                                                running_mean=running_mean,
+                                                running_var=running_var)
+                        + (() if residual_array is None
+                           else ((residual_array, "the residual"),)))
     if data.size == 0:
         return _forward_empty_batch(data, channels, out, running_mean, running_var, training,
                                     eps)
@@ -186,9 +187,10 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     if mean is None or invstd is None:
         raise ValueError("save_mean and save_invstd are required")
     weights = check_channel_array(weight, channels, "weight")
-    out = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
-                    must_not_overlap=((data, "x"),) + (((output, "y"),) if relu else ())
-                    + _named(weight=weights, save_mean=mean, save_invstd=invstd))
+    if out is not None:
+        out = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
+                        must_not_overlap=((data, "x"),) + (((output, "y"),) if relu else ())
+                        + _named(weight=weights, save_mean=mean, save_invstd=invstd))
     grad_dtype = weights.dtype if weights is not None else dispatch.param_dtype(data.dtype)
     if data.size == 0:                  # an empty batch: nothing flows, nothing adds up
         dx = np.empty_like(grad_y) if out is None else out

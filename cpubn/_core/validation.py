@@ -227,6 +227,9 @@ def check_channel_array(values: object, num_features: int,
     """A per-channel array (weight, bias, running statistics): 1-D, length C, float."""
     if values is None:
         return None
+    if (type(values) is np.ndarray and values.shape == (num_features,)
+            and values.dtype.kind == "f"):
+        return values                    # the common case: no conversion, nothing to say
     if isinstance(values, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array; pass a plain ndarray")
     array = np.asarray(values)
@@ -245,6 +248,9 @@ EPS_MIN = 1e-70
 def check_state_array(array: object, num_features: int, name: str) -> NDArray[Any]:
     """A layer attribute that is written in place (running statistics, gradients): a
     writeable float ndarray of shape (num_features,)."""
+    if (type(array) is np.ndarray and array.shape == (num_features,)
+            and array.dtype.kind == "f" and array.flags.writeable):
+        return array                     # the common case
     if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got "
                         f"{type(array).__name__}")
