@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from .batchnorm import run_benchmarks, save_plot
-from .harness import (DRAM_COPY_BYTES, OPS, SHAPES_DEFAULT, SHAPES_FULL, SHAPES_QUICK,
+from .harness import (DRAM_COPY_BYTES, OPS, SHAPES_DEFAULT, SHAPES_FULL, SHAPES_MLP, SHAPES_QUICK,
                       add_plot_option, emit_report, import_torch, parse_shape, parse_threads,
                       shape_label)
 from .plot import matplotlib_missing
@@ -44,6 +44,7 @@ def build_parser():
         epilog="shape sets (NCHW): --quick " + " ".join(map(shape_label, SHAPES_QUICK))
                + "; default " + " ".join(map(shape_label, SHAPES_DEFAULT))
                + "; --full " + " ".join(map(shape_label, SHAPES_FULL))
+               + "; --mlp " + " ".join(map(shape_label, SHAPES_MLP))
                + ". Batch-1 shapes are eval only. Exit status 1 if cpubn raised or "
                  "disagreed with NumPy.")
     size = p.add_mutually_exclusive_group()
@@ -51,8 +52,13 @@ def build_parser():
     size.add_argument("--full", action="store_true", help="the whole shape set, more repeats")
     p.add_argument("--shape", type=parse_shape, action="append", metavar="N,C[,H,W...]",
                    help="benchmark this shape (NCHW notation) instead of the set; repeatable")
+    p.add_argument("--mlp", action="store_true",
+                   help="the MLP grid instead of the set: (batch, features) in "
+                        f"{{64..4096}} x {{128..4096}}, {len(SHAPES_MLP)} shapes, at 1 and 2 "
+                        "threads unless --threads says otherwise")
     p.add_argument("--threads", type=parse_threads, metavar="N[,N...]",
-                   help="thread counts, e.g. 1,2 (default: cpubn.get_num_threads())")
+                   help="thread counts, e.g. 1,2 (default: cpubn.get_num_threads(); 1,2 "
+                        "with --mlp)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both")
     p.add_argument("--ops", type=_parse_ops, default=list(OPS), metavar="OP[,OP...]",

@@ -52,6 +52,12 @@ SHAPES_QUICK = (
     (1, 64, 56, 56),
 )
 
+# The MLP grid (--mlp): 2-D (batch, features) inputs, the BatchNorm1d layers of NumPy
+# models on CPU servers.
+MLP_BATCHES = (64, 256, 1024, 4096)
+MLP_FEATURES = (128, 512, 1024, 4096)
+SHAPES_MLP = tuple((n, c) for n in MLP_BATCHES for c in MLP_FEATURES)
+
 OPS = ("train", "eval", "backward")
 LAYOUTS = ("nchw", "nhwc")
 EPS = 1e-5

@@ -2,7 +2,7 @@
 each a zero-argument callable over one shape's shared buffers, and the check that
 cpubn's result agrees with NumPy's.
 
-- ``copy``: a parallel copy of the input into the output buffer (the same-buffer bound).
+- ``copy``: a parallel copy of the input into a buffer of its own (the same-input bound).
 - ``cpubn_out``: ``cpubn.batch_norm_forward`` / ``batch_norm_backward`` writing into a
   preallocated ``out=`` buffer; ``cpubn``: the same calls allocating their output.
 - ``numpy``: :func:`numpy_batch_norm_forward` / :func:`numpy_batch_norm_backward`, plain
@@ -109,6 +109,9 @@ class BenchBuffers:
         self.x += 0.5
         self.dy = rng.standard_normal(size, dtype=self.dtype)
         self.out = np.zeros(size, dtype=self.dtype)
+        # The copy baseline's own destination: copying into `out` would leave it warm in
+        # the caches for the out= call that follows and flatter its copy-multiple.
+        self.copy_out = np.zeros(size, dtype=self.dtype)
         c = shape[1]
         self.weight = (1 + 0.1 * rng.standard_normal(c)).astype(self.dtype)
         self.bias = (0.1 * rng.standard_normal(c)).astype(self.dtype)
@@ -212,7 +215,11 @@ def onnxruntime_session(modules, shape, dtype, weight, bias, mean, var, n_thread
     graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("x", elem, list(shape))],
                               [helper.make_tensor_value_info("y", elem, list(shape))],
                               initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    opset = helper.make_opsetid("", 15)
+    # The oldest IR version that carries the opset, not the onnx package's newest: a
+    # runtime older than the onnx package refuses a model of an IR version it predates.
+    model = helper.make_model(graph, opset_imports=[opset],
+                              ir_version=helper.find_min_ir_version_for([opset]))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = n_threads
     options.inter_op_num_threads = 1
@@ -240,7 +247,7 @@ def build_peers(cpubn, torch, copy_parallel, buf, layout, op, n_threads, names=P
     """
     fns, errors = {}, {}
     if "copy" in names:
-        src, dst = buf.x.view(np.uint8), buf.out.view(np.uint8)
+        src, dst = buf.x.view(np.uint8), buf.copy_out.view(np.uint8)
         fns["copy"] = lambda: copy_parallel(src, dst, n_threads)
     if "cpubn" in names or "cpubn_out" in names:
         try:

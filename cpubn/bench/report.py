@@ -250,6 +250,14 @@ ALLOC_TARGET = 1.15             # allocating / out=, from LARGE_BYTES
 SCALING_TARGET = 1.7            # 1 -> 2 threads, from LARGE_BYTES
 LARGE_BYTES = 16 * 2**20
 TINY_TARGET_US = 3.0            # bn(x) on (1, 16) float32 eval
+# Issue 36's targets on 2-D (batch, features) inputs, per thread count: every case at
+# least MLP_CASE_TARGET x torch, each op's median at least MLP_MEDIAN_TARGET x torch, and
+# from MLP_SCALING_ELEMENTS elements 2 threads at least MLP_SCALING_TARGET x faster than
+# one for train and backward.
+MLP_CASE_TARGET = 1.0
+MLP_MEDIAN_TARGET = 1.3
+MLP_SCALING_TARGET = 1.4
+MLP_SCALING_ELEMENTS = 4 * 2**20
 
 
 def _verdict(ok):
@@ -308,6 +316,7 @@ def format_targets(report):
                          f"{shape_label(key[0])} {key[1]} {key[2]}, median "
                          f"{statistics.median(v for v, _ in ratios):.2f} (target >= "
                          f"{SCALING_TARGET}, {_verdict(worst >= SCALING_TARGET)})")
+    lines += format_mlp_targets(results, threads)
     tiny = report.get("tiny")
     if tiny and "cpubn.BatchNorm" in tiny["us"] and tiny["dtype"] == "float32":
         us = tiny["us"]["cpubn.BatchNorm"]
@@ -316,10 +325,55 @@ def format_targets(report):
     return "\n".join(lines)
 
 
+def format_mlp_targets(results, threads):
+    """Issue 36's lines over the quiet 2-D cases (none without 2-D cases): per thread
+    count and op, the median ratio to torch and the cases below MLP_CASE_TARGET; then the
+    1 -> 2 thread scaling of train and backward from MLP_SCALING_ELEMENTS."""
+    flat = [r for r in results if len(r["shape"]) == 2]
+    if not flat:
+        return []
+    lines = ["  2-D (batch, features) against torch (allocating):"]
+    for n in threads:
+        for op in OPS:
+            cases = [r for r in flat if r["threads"] == n and r["op"] == op
+                     and r.get("speedup_vs_torch")]
+            if not cases:
+                continue
+            med = statistics.median(r["speedup_vs_torch"] for r in cases)
+            below = [r for r in cases if r["speedup_vs_torch"] < MLP_CASE_TARGET]
+            names = ", ".join(f"{shape_label(r['shape'])} {r['speedup_vs_torch']:.2f}x"
+                              for r in below)
+            lines.append(f"    {n} thread{'s' if n > 1 else ' '} {op:<8} median "
+                         f"{med:.2f}x (target >= {MLP_MEDIAN_TARGET}, "
+                         f"{_verdict(med >= MLP_MEDIAN_TARGET)}); "
+                         f"{len(cases) - len(below)} of {len(cases)} cases >= "
+                         f"{MLP_CASE_TARGET}x ({_verdict(not below)})"
+                         + (f"; below: {names}" if below else ""))
+    if 1 in threads and 2 in threads:
+        pairs = {}
+        for r in flat:
+            if r["op"] in ("train", "backward") and r["threads"] in (1, 2) and (
+                    r["shape"][0] * r["shape"][1] >= MLP_SCALING_ELEMENTS):
+                pairs.setdefault((tuple(r["shape"]), r["op"]), {})[r["threads"]] = r
+        ratios = []
+        for (shape, op), per in sorted(pairs.items()):
+            a = per.get(1, {}).get("peers", {}).get("cpubn", {}).get("median_ms")
+            b = per.get(2, {}).get("peers", {}).get("cpubn", {}).get("median_ms")
+            if a and b:
+                ratios.append((a / b, shape, op))
+        if ratios:
+            worst, shape, op = min(ratios)
+            lines.append(f"    1 -> 2 threads, train and backward from 4M elements: worst "
+                         f"{worst:.2f} {shape_label(shape)} {op}, median "
+                         f"{statistics.median(v for v, _, _ in ratios):.2f} (target >= "
+                         f"{MLP_SCALING_TARGET}, {_verdict(worst >= MLP_SCALING_TARGET)})")
+    return lines
+
+
 LEGEND = """\
 Times in ms, medians. roof: minimum traffic (forward 2x size, backward 3x size)
 at the large-buffer copy bandwidth above. copy: parallel copy of the same input
-into the same output buffer (cache effects included). out=: cpubn writing into a
+into a buffer of its own (cache effects included). out=: cpubn writing into a
 preallocated buffer; cpubn: cpubn allocating its output, as NumPy and torch do.
 GB/s and xroof: minimum traffic / time, time / roof. xcopy: out= / copy. alloc/out:
 cpubn / out=. ort: onnxruntime (eval, nchw). vs: peer time / cpubn time (allocating);

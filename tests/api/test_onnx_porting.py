@@ -15,6 +15,14 @@ except ImportError:
     onnxruntime = None
 
 OPSET = 15
+
+
+def make_model(graph):
+    """A model of the oldest IR version that carries OPSET, as the README builds it: a
+    runtime older than the onnx package refuses the package's newest IR version."""
+    opset = helper.make_opsetid("", OPSET)
+    return helper.make_model(graph, opset_imports=[opset],
+                             ir_version=helper.find_min_ir_version_for([opset]))
 ELEM = {np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE}
 # float64 too is compared at 1e-7: ONNX stores epsilon as a float32 (1e-2 as 0.0099999998),
 # from_onnx reads back the decimal it stands for, and the reference computes with the former.
@@ -41,7 +49,7 @@ def batchnorm_model(channels, rng, dtype=np.float32, ndim=4, name="bn", as_input
     initializers = [] if as_inputs else [numpy_helper.from_array(v, k) for k, v in params.items()]
     graph = helper.make_graph([node], "g", [x_info] + (param_infos if as_inputs else []), infos,
                               initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = make_model(graph)
     onnx.checker.check_model(model)
     return model, params
 
@@ -149,7 +157,7 @@ def test_to_onnx_node_round_trip(affine, rng):
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4, 3, 3])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4, 3, 3])], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = make_model(graph)
     onnx.checker.check_model(model)
     x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
     np.testing.assert_allclose(run_reference(model, x)[0], layer(x), **TOL[np.float32])

@@ -246,3 +246,71 @@ def test_targets_are_judged_from_the_records():
     assert "1 -> 2 threads from 16 MiB (out=): worst 1.90" in text
     assert "2 of 3 cases; slower: 32x256x56x56 nchw eval 0.90x (MISSED)" in text
     assert "2.50 us (target <= 3.0 us, met)" in text
+
+
+def test_mlp_targets_are_judged_from_the_records():
+    from cpubn.bench.report import format_targets
+
+    def record(shape, op, threads, vs_torch, cpubn_ms=1.0):
+        return {"shape": list(shape), "layout": "nchw", "op": op, "threads": threads,
+                "size_bytes": int(np.prod(shape)) * 4, "speedup_vs_torch": vs_torch,
+                "busy": None, "peers": {"cpubn": {"median_ms": cpubn_ms}}}
+
+    big = (4096, 1024)                      # 4M elements: judged for scaling
+    results = [record((64, 128), "train", 1, 0.8), record((256, 512), "train", 1, 1.5),
+               record(big, "train", 1, 1.4, cpubn_ms=3.0),
+               record((64, 128), "train", 2, 1.1), record((256, 512), "train", 2, 1.2),
+               record(big, "train", 2, 1.5, cpubn_ms=2.5),
+               record(big, "backward", 1, 1.3, cpubn_ms=3.0),
+               record(big, "backward", 2, 1.3, cpubn_ms=2.0),
+               record((32, 8, 4, 4), "train", 2, 0.5)]          # not 2-D: not judged here
+    text = format_targets({"config": {"threads": [1, 2]}, "tiny": None, "results": results})
+    assert ("1 thread  train    median 1.40x (target >= 1.3, met); 2 of 3 cases >= 1.0x "
+            "(MISSED); below: 64x128 0.80x") in text
+    assert "2 threads train    median 1.20x (target >= 1.3, MISSED); 3 of 3 cases >= 1.0x (met)" in text
+    assert ("1 -> 2 threads, train and backward from 4M elements: worst 1.20 4096x1024 train, "
+            "median 1.35 (target >= 1.4, MISSED)") in text
+    assert "2-D" not in format_targets({"config": {"threads": [2]}, "tiny": None,
+                                         "results": results[-1:]})
+
+
+def test_mlp_grid_runs_at_one_and_two_threads(tmp_path, monkeypatch):
+    from cpubn.bench import batchnorm
+    monkeypatch.setattr(batchnorm, "SHAPES_MLP", ((16, 8), (8, 16)))
+    rc, report = run_bench(tmp_path, "--mlp", "--repeats", "2", "--copy-mib", "1",
+                           "--no-tiny", "--no-torch", "--ops", "train")
+    assert rc == 0
+    assert report["config"]["threads"] == [1, 2] and report["config"]["mlp"]
+    assert {(tuple(r["shape"]), r["threads"]) for r in report["results"]} == {
+        (s, n) for s in ((16, 8), (8, 16)) for n in (1, 2)}
+
+
+def test_copy_baseline_writes_its_own_buffer():
+    """The copy must not warm the out= buffer for the call after it."""
+    buf = peers.BenchBuffers((4, 8), np.float32, np.random.default_rng(0))
+    fns, _ = peers.build_peers(None, None, lambda src, dst, n: dst.__setitem__(..., src),
+                               buf, "nchw", "eval", 1, names=("copy",))
+    fns["copy"]()
+    assert np.array_equal(buf.copy_out, buf.x) and not np.any(buf.out)
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="needs onnx and onnxruntime")
+def test_onnxruntime_peer_builds_the_oldest_ir_version_of_its_opset(monkeypatch):
+    """A runtime older than the onnx package refuses the package's newest IR version; the
+    peer's model carries the oldest one its opset allows."""
+    onnxruntime, onnx = peers.import_onnxruntime()
+    newest_accepted = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", 15)])
+    real_session = onnxruntime.InferenceSession
+
+    def old_runtime(model_bytes, *args, **kwargs):
+        model = onnx.ModelProto.FromString(model_bytes)
+        if model.ir_version > newest_accepted:
+            raise RuntimeError(f"Unsupported model IR version: {model.ir_version}")
+        return real_session(model_bytes, *args, **kwargs)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", old_runtime)
+    c = 4
+    session = peers.onnxruntime_session((onnxruntime, onnx), (2, c, 3, 3), np.float32,
+                                        np.ones(c), np.zeros(c), np.zeros(c), np.ones(c), 1)
+    x = np.arange(2 * c * 9, dtype=np.float32).reshape(2, c, 3, 3)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x / np.sqrt(1 + 1e-5),
+                               rtol=1e-6)
