@@ -9,7 +9,8 @@ from numpy.typing import NDArray
 
 # threads first: it loads the OpenMP runtime with cpubn's wait policy, which
 # must happen before the kernel modules (linked against the runtime) are imported.
-from .threads import team_finished, threads_for  # isort: skip
+from . import threads as _threads  # isort: skip
+from .threads import team_finished, threads_for
 from .._kernels import backward as _backward
 from .._kernels import forward as _forward
 from .._kernels import pool as _pool
@@ -121,9 +122,13 @@ class Saved:
     order), the layout, and the float64 statistics used (stats = [mean, invstd(, biased
     batch variance)] back to back).  A fused forward adds its output y_dense (with ReLU:
     its sign is the mask, so it is a reference, not a copy) and whether it added a
-    residual (then backward also returns the residual's gradient)."""
+    residual (then backward also returns the residual's gradient).
 
-    __slots__ = ("x_dense", "layout", "stats", "batch_stats", "y_dense", "residual")
+    weak: None, or (a weak reference to the input, one to the output or None) in place of
+    x_dense and y_dense, for a caller that must not keep its arrays alive (an eval-mode
+    layer): strong() gives the Saved back while the arrays still exist."""
+
+    __slots__ = ("x_dense", "layout", "stats", "batch_stats", "y_dense", "residual", "weak")
 
     def __init__(self, x_dense: NDArray[Any], layout: Layout, stats: NDArray[np.float64],
                  batch_stats: bool, y_dense: NDArray[Any] | None = None,
@@ -134,6 +139,21 @@ class Saved:
         self.batch_stats = batch_stats
         self.y_dense = y_dense
         self.residual = residual
+        self.weak: tuple[Any, Any] | None = None
+
+    def strong(self) -> "Saved | None":
+        """For a Saved holding weak references: a Saved holding the arrays themselves, or
+        None if they no longer exist.  Any other Saved: itself."""
+        if self.weak is None:
+            return self
+        x_ref, y_ref = self.weak
+        x = x_ref()
+        y = None if y_ref is None else y_ref()
+        if x is None or (y_ref is not None and y is None):
+            return None
+        layout = self.layout
+        return Saved(layout.dense(x), layout, self.stats, self.batch_stats,
+                     None if y is None else layout.dense(y), self.residual)
 
     @property
     def channels(self) -> int:
@@ -172,7 +192,8 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
         residual = layout.dense(residual)     # into x's memory order (a copy only if needed)
     y_dense, stream = _output(x.dtype, layout, out, may_stream=running_mean is None)
     n, channels, s = layout.kernel_dims
-    n_threads = threads_for(x.size)
+    size = layout.size        # small calls (the per-layer inference path) skip threads_for
+    n_threads = 1 if size < _threads.PARALLEL_MIN_ELEMENTS else threads_for(size)
     if running_mean is None:
         stats = np.empty(3 * channels)
         if not params_checked:
@@ -191,7 +212,8 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
                                  eps, stats, n, channels, s, n_threads, stream, residual,
                                  relu):            # float constants beyond float's range
             redo_eval_channels(x_dense, y_dense, layout, stats, weight, bias, residual, relu)
-    team_finished(n_threads)
+    if n_threads > 1:
+        team_finished(n_threads)
     return _finish(y_dense, layout, out), Saved(x_dense, layout, stats, running_mean is None,
                                                 y_dense if relu else None,
                                                 residual is not None)
@@ -215,7 +237,8 @@ def backward(dy: NDArray[Any], saved: Saved, weight: NDArray[Any] | None,
     _backward.backward(dy_dense, saved.x_dense, dx_dense, saved.stats, weight,
                        saved.batch_stats, grads, n, channels, s, n_threads,
                        stream, saved.y_dense, dresidual)
-    team_finished(n_threads)
+    if n_threads > 1:
+        team_finished(n_threads)
     if not all_finite(grads):                   # overflowed float32 sums, or NaN/Inf data
         redo_backward_sums(dy_dense, saved.x_dense, dx_dense, saved.y_dense, layout,
                            saved.stats, weight, saved.batch_stats, grads)
@@ -285,5 +308,6 @@ def batch_statistics(x: NDArray[Any], axis: int, eps: float) -> Saved:
     stats = np.empty(3 * channels)
     n_threads = threads_for(x.size)
     _forward.batch_stats(x_dense, eps, stats, n, channels, s, n_threads)
-    team_finished(n_threads)
+    if n_threads > 1:
+        team_finished(n_threads)
     return Saved(x_dense, layout, stats, True)

@@ -206,7 +206,7 @@ def team_finished(n_threads: int) -> None:
     for a while (SPIN_COUNT), which the next call's idle count must not take for a
     neighbour's tasks."""
     global _spinning_workers, _spinning_until
-    if n_threads > 1:
+    if n_threads > 1:          # callers skip the call for one thread, where it does nothing
         _spinning_workers = n_threads - 1
         _spinning_until = time.perf_counter() + TEAM_SPIN_SECONDS
 

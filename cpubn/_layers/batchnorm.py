@@ -42,31 +42,6 @@ _TRANSIENT = ("_saved", "_checked_params", "_checked_out", "_plans", "_track_bat
               "_busy")
 
 
-class _EvalRecord:
-    """What an eval-mode forward with running statistics keeps for backward: weak
-    references to its input and, with ReLU, its output (the mask), so that inference
-    holds nothing alive; revive() rebuilds the Saved while the caller still holds them."""
-
-    __slots__ = ("x", "y", "layout", "stats", "residual")
-
-    def __init__(self, x: NDArray[Any], y: NDArray[Any], saved: dispatch.Saved) -> None:
-        self.x = weakref.ref(x)
-        self.y = None if saved.y_dense is None else weakref.ref(y)
-        self.layout, self.stats, self.residual = saved.layout, saved.stats, saved.residual
-
-    def revive(self) -> dispatch.Saved:
-        x = self.x()
-        y = None if self.y is None else self.y()
-        if x is None or (self.y is not None and y is None):
-            what = "input" if self.y is None else "input and output"
-            raise ValueError(f"backward() after an eval-mode forward whose {what} no longer "
-                             f"exist: an eval-mode forward keeps only weak references to "
-                             f"them, so hold them until backward")
-        layout = self.layout
-        return dispatch.Saved(layout.dense(x), layout, self.stats, False,
-                              None if y is None else layout.dense(y), self.residual)
-
-
 def _check_file_shapes(num_features: object, state: Mapping[str, NDArray[Any]]) -> None:
     """A saved layer's per-channel arrays must have num_features values each."""
     for key, value in state.items():
@@ -239,26 +214,28 @@ class BatchNorm:
         A training-mode forward or a backward while another thread's training forward or
         backward runs on the same layer raises RuntimeError (see _in_use_error); eval-mode
         forwards may share a layer between threads (inference serving)."""
-        if self.training and self._busy:
+        training = self.training
+        if training and self._busy:
             raise self._in_use_error()
         try:
-            if self.training:
+            if training:
                 self._busy = True
             x, axis, layout = self._plan(x)
             if x.size == 0:
                 return self._forward_empty_batch(x, out, residual)
-            relu = check_activation(self.activation) is not None
+            relu = self.activation is not None and check_activation(self.activation) is not None
             if residual is not None:
                 residual = check_residual(residual, x)
             weight, bias, running_mean, running_var = self._kernel_params(x.dtype)
             in_place = False
             if out is not None:
                 out, in_place = self._check_forward_out(out, x, residual)
-            tracking = self.training and self.track_running_stats
+            tracking = training and self.track_running_stats
             if tracking:                        # checked before the kernel and any state change
                 check_state_array(self.running_mean, self.num_features, "running_mean")
                 check_state_array(self.running_var, self.num_features, "running_var")
-            if self.training or not self.track_running_stats:
+            batch_stats = training or not self.track_running_stats
+            if batch_stats:
                 y, saved = self._forward_batch_stats(x, axis, weight, bias, out, residual, relu)
             else:
                 y, saved = dispatch.forward(x, axis, weight, bias, self.eps, out, running_mean,
@@ -268,17 +245,19 @@ class BatchNorm:
                 self._track_batch(saved, x.size // x.shape[axis])
             if not saving_for_backward():
                 self._saved = _NothingSaved("it ran under cpubn.no_grad()")
-            elif in_place:
+                return y
+            if in_place:
                 saved.x_dense = None            # overwritten in place: nothing to differentiate
                 saved.y_dense = None
-                self._saved = saved
-            elif self.training or not self.track_running_stats:
-                self._saved = saved
-            else:
-                self._saved = _EvalRecord(x, y, saved)
+            elif not batch_stats:
+                # Inference holds nothing alive: the input (and the ReLU mask) by weak
+                # references only, which a backward revives while the caller still has them.
+                saved.weak = (weakref.ref(x), None if saved.y_dense is None else weakref.ref(y))
+                saved.x_dense = saved.y_dense = None
+            self._saved = saved
             return y
         finally:
-            if self.training:
+            if training:
                 self._busy = False
 
     # A layer trains one call at a time.  It has one saved forward and one running-
@@ -503,8 +482,13 @@ class BatchNorm:
         if isinstance(saved, _NothingSaved):
             raise ValueError(f"backward(): the last forward kept nothing to differentiate "
                              f"({saved.reason})")
-        if isinstance(saved, _EvalRecord):
-            saved = saved.revive()
+        if getattr(saved, "weak", None) is not None:           # an eval-mode forward's
+            saved = saved.strong()
+            if saved is None:
+                what = "input" if self._saved.weak[1] is None else "input and output"
+                raise ValueError(f"backward() after an eval-mode forward whose {what} no "
+                                 f"longer exist: an eval-mode forward keeps only weak "
+                                 f"references to them, so hold them until backward")
         if isinstance(saved, _EmptyBatch):
             grad_y = check_like(dy, saved.shape, saved.dtype, "dy", "the last input")
             checked = check_out(out, grad_y, may_alias=((grad_y, "dy"),),
