@@ -79,21 +79,6 @@ cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil
     return (R + rows - 1) // rows
 
 
-cdef inline bint touches_row_blocks(Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
-    # Whether the channels-last statistics and gradient sums first read each row block
-    # (rows of C values of itemsize bytes) linearly.  Only float32 and float64: the
-    # half-precision loops walk blocks through converted tiles instead.  The statistics
-    # walk a block in channel tiles over groups of 8 rows (loops.h: CPUBN_ROW_TILE,
-    # CPUBN_GROUP).  From memory that order reads well when a row is short (a group of
-    # rows is one linear piece) or a whole page (each row one linear stream), and badly in
-    # between, where each page is visited at a stride of a row, a tile's width at a time.
-    # Those blocks are first read linearly (touch_lines) and then walked from L2, which
-    # makes every row size read about as fast; outside that range the touch costs more
-    # than it saves, so those blocks are not touched.  The gradient sums take the same
-    # rule (float data's walk the statistics' channel tiles, float64's whole rows).
-    return itemsize >= 4 and 256 < C * itemsize < 4096
-
-
 cdef inline Py_ssize_t block_rows(Py_ssize_t R, Py_ssize_t rows, Py_ssize_t b) noexcept nogil:
     cdef Py_ssize_t rest = R - b * rows
     return rows if rest > rows else rest

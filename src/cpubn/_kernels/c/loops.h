@@ -112,16 +112,6 @@ CPUBN_INLINE int rows_by_quads(int constants, ptrdiff_t C, size_t itemsize)
  * float gradient sums (rows_grad_sums) walk the same tiles. */
 #define CPUBN_ROW_TILE 32
 
-/* Read one byte of every cache line of x[0:bytes], in address order, so that a block
- * that a loop will then walk in another order (channel tiles) arrives from memory at the
- * rate of a linear read: independent loads the core can keep many of in flight, which
- * the hardware prefetchers follow.  The values are not used. */
-CPUBN_INLINE void touch_lines(const void *x, size_t bytes)
-{
-    const volatile char *p = (const volatile char *)x;
-    for (size_t i = 0; i < bytes; i += 64) (void)p[i];
-}
-
 /* Half-precision tiles, in values: element-wise loops and channels-last reductions use
  * CPUBN_HALF_TILE; channels-first reductions a whole chunk of a run, the kernels'
  * RUN_CHUNK (partition.pxd takes it from here), so that a chunk is one call of the float32
