@@ -477,4 +477,8 @@ static void combine_row_blocks(const double *means, const double *m2s, ptrdiff_t
  * needs the float and half loops above). */
 #include "loops_slab.h"
 
+/* The per-channel steps of the forward, vectorized over the channels (generated from
+ * channel_constants.h.tp). */
+#include "channel_constants.h"
+
 #endif
