@@ -193,7 +193,9 @@ def forward(x: NDArray[Any], axis: int, weight: NDArray[Any] | None,
     y_dense, stream = _output(x.dtype, layout, out, may_stream=running_mean is None)
     n, channels, s = layout.kernel_dims
     size = layout.size        # small calls (the per-layer inference path) skip threads_for
-    n_threads = 1 if size < _threads.PARALLEL_MIN_ELEMENTS else threads_for(size)
+    eval_call = running_mean is not None
+    n_threads = (1 if size < _threads.PARALLEL_MIN_ELEMENTS
+                 else threads_for(size, light=eval_call))
     if running_mean is None:
         stats = np.empty(3 * channels)
         if not params_checked:

@@ -91,6 +91,11 @@ if hasattr(os, "register_at_fork"):        # POSIX; elsewhere there is no fork()
 # SPIN_COUNT, a second thread pays for its fork and join from about this size on.
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
+# An eval forward is one light pass over the data (a multiply-add per element), so the
+# fork and join weigh more against its work: it runs on one thread below this many
+# times PARALLEL_MIN_ELEMENTS.
+EVAL_PARALLEL_FACTOR = 2
+
 # After a parallel call, its team's workers spin (SPIN_COUNT) and count as running tasks
 # in the machine's run queue, where they would look like a busy neighbour to the next
 # call.  For this long after a call they are known to be still spinning, and are not
@@ -178,15 +183,16 @@ def _is_automatic() -> bool:
     return requested is None or requested is _AUTOMATIC
 
 
-def threads_for(n_elements: int) -> int:
-    """Threads for one kernel call over n_elements: 1 below the parallel threshold.
+def threads_for(n_elements: int, light: bool = False) -> int:
+    """Threads for one kernel call over n_elements: 1 below the parallel threshold
+    (EVAL_PARALLEL_FACTOR times higher for a `light` call: an eval forward).
 
     In automatic mode a call also uses no more threads than there are idle CPUs at that
     moment (at least one): a team member that has to wait for a core busy with another
     process stalls the whole call at its closing barrier, so beside a busy neighbour one
     thread is faster than two.  An explicit count (set_num_threads, threads(n)) is used
     as is.  The caller reports the end of a parallel call with team_finished."""
-    if n_elements < PARALLEL_MIN_ELEMENTS:
+    if n_elements < (EVAL_PARALLEL_FACTOR if light else 1) * PARALLEL_MIN_ELEMENTS:
         return 1
     n_threads = get_num_threads()
     if n_threads > 1 and _is_automatic():

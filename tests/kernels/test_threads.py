@@ -260,6 +260,18 @@ def test_automatic_threads_step_down_when_cpus_are_busy(monkeypatch):
         assert thread_control.threads_for(big) == 4
 
 
+def test_eval_calls_parallelize_from_a_larger_size(monkeypatch):
+    import cpubn._core.threads as thread_control
+    big = thread_control.PARALLEL_MIN_ELEMENTS
+    factor = thread_control.EVAL_PARALLEL_FACTOR
+    assert factor > 1
+    with cpubn.threads(2):
+        assert thread_control.threads_for(big) == 2
+        assert thread_control.threads_for(big, light=True) == 1
+        assert thread_control.threads_for(factor * big - 1, light=True) == 1
+        assert thread_control.threads_for(factor * big, light=True) == 2
+
+
 def test_own_spinning_workers_are_not_taken_for_neighbours(monkeypatch):
     """Right after a parallel call its workers still spin: the next call's idle count
     leaves them out, and counts them again once they may have gone to sleep."""
