@@ -79,6 +79,29 @@ cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil
     return (R + rows - 1) // rows
 
 
+cdef enum:
+    # Channels-last with few rows: the statistics take column tiles of all R rows and a
+    # multiple of COLUMN_TILE_MIN_WIDTH channels, at most COLUMN_TILE_BYTES each, so that
+    # a tile's two passes read it from L1; each tile's statistics are complete, with no
+    # block partials to combine.  From R * itemsize * COLUMN_TILE_MIN_WIDTH >
+    # COLUMN_TILE_BYTES on, a row of a tile would be less than two cache lines and the
+    # row blocks read faster.  The tile width (the loops' CPUBN_ROW_TILE) depends on the
+    # shape only.
+    COLUMN_TILE_BYTES = 32768
+    COLUMN_TILE_MIN_WIDTH = 128
+
+
+cdef inline bint uses_columns(Py_ssize_t R, Py_ssize_t itemsize) noexcept nogil:
+    # Half-precision data keeps the row blocks (its loops walk converted tiles).
+    return itemsize >= 4 and R * itemsize * COLUMN_TILE_MIN_WIDTH <= COLUMN_TILE_BYTES
+
+
+cdef inline Py_ssize_t column_width(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
+    cdef Py_ssize_t width = COLUMN_TILE_BYTES // (R * itemsize)
+    width -= width % COLUMN_TILE_MIN_WIDTH
+    return C if width >= C else width
+
+
 cdef inline Py_ssize_t block_rows(Py_ssize_t R, Py_ssize_t rows, Py_ssize_t b) noexcept nogil:
     cdef Py_ssize_t rest = R - b * rows
     return rows if rest > rows else rest
