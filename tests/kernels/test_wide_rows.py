@@ -110,3 +110,36 @@ def test_wide_rows_thread_count_invariant(rng, C, dtype):
     for y, dx in results[1:]:
         assert bitwise_equal(y, results[0][0])
         assert bitwise_equal(dx, results[0][1])
+
+
+# Wide rows take blocks of up to 64 rows (partition.pxd: MIN_BLOCK_ROWS, WIDE_BLOCK_ELEMS):
+# several blocks, a partial last one, and rows wider than the 1 MiB limit.
+TALL_BLOCKS = [((200, 2500), np.float32), ((150, 4100), np.float32),
+               ((100, 1500), np.float64), ((70, 9000), np.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", TALL_BLOCKS,
+                         ids=[f"{s[0]}x{s[1]}-{np.dtype(d).name}" for s, d in TALL_BLOCKS])
+def test_tall_blocks_of_wide_rows(rng, shape, dtype):
+    x = make_x(rng, shape, dtype, axis=-1, loc=50.0)
+    dy = rng.standard_normal(shape).astype(dtype)
+
+    def run():
+        y, mean, invstd = cpubn.batch_norm_forward(x, training=True, axis=-1)
+        dx, dw, db = cpubn.batch_norm_backward(dy, x, mean, invstd, axis=-1)
+        return y, mean, invstd, dx, dw, db
+
+    with cpubn.threads(1):
+        first = run()
+    for n in (2, 5):
+        with cpubn.threads(n):
+            assert all(bitwise_equal(a, b) for a, b in zip(first, run())), n
+    y, mean, invstd, dx, dw, db = first
+    x64 = x.astype(np.float64)
+    y_ref, mean_ref, invstd_ref, _, _ = ref.functional_forward(x64, axis=-1)
+    dx_ref, dw_ref, db_ref = ref.backward(dy.astype(np.float64), x64, mean_ref, invstd_ref,
+                                          axis=-1)
+    np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=1e-6)
+    assert_close(y, y_ref, dtype, "value", "forward")
+    assert_close(dx, dx_ref, dtype, "grad", "dx")
+    assert_close(db, db_ref, dtype, "grad", "dbias")

@@ -20,9 +20,15 @@ cdef extern from "loops.h":
 
 cdef enum:
     # Channels-last: a block of rows holds about this many elements (rows * C); 256 KiB of
-    # float32, so the block's second pass reads from L2 and wide layers (C = 2048) still
-    # get blocks of 32 rows rather than a flood of tiny partials to combine.
+    # float32, so the block's second pass reads from L2 (rows_per_block; wide rows take
+    # taller blocks, below).
     ROW_BLOCK_ELEMS = 65536
+    # Wide rows (C > 1024): a block still holds MIN_BLOCK_ROWS rows, as long as that is at
+    # most WIDE_BLOCK_ELEMS elements (1 MiB of float32).  A block's partials are two
+    # doubles per channel: blocks of 16 rows of 4096 channels made them a quarter of the
+    # data's size again, and their combine cost more than the taller blocks' reads.
+    MIN_BLOCK_ROWS = 64
+    WIDE_BLOCK_ELEMS = 262144
     # Channels-last partials are combined in parallel over tiles of this many channels.
     COMBINE_TILE = 256
     # Channels-first with short runs (small H*W): a thread takes a block of adjacent
@@ -72,7 +78,15 @@ cdef inline Py_ssize_t channels_per_block(Py_ssize_t S) noexcept nogil:
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t C) noexcept nogil:
-    return ROW_BLOCK_ELEMS // C if C < ROW_BLOCK_ELEMS else 1
+    cdef Py_ssize_t rows = ROW_BLOCK_ELEMS // C if C < ROW_BLOCK_ELEMS else 1
+    cdef Py_ssize_t wide_rows
+    if rows < MIN_BLOCK_ROWS:                   # wide rows: taller blocks, up to a limit
+        wide_rows = WIDE_BLOCK_ELEMS // C
+        if wide_rows > MIN_BLOCK_ROWS:
+            wide_rows = MIN_BLOCK_ROWS
+        if wide_rows > rows:
+            rows = wide_rows
+    return rows
 
 
 cdef inline Py_ssize_t block_count(Py_ssize_t R, Py_ssize_t rows) noexcept nogil:
