@@ -38,12 +38,19 @@ def is_half(dtype: np.dtype[Any]) -> bool:
     return dtype.itemsize == 2
 
 
+def is_masked(a: object) -> bool:
+    """Whether a is a NumPy masked array.  A plain ndarray is answered without touching
+    np.ma, which NumPy imports on first use (a megabyte of modules, inside whichever call
+    first asks)."""
+    return type(a) is not np.ndarray and isinstance(a, np.ma.MaskedArray)
+
+
 def as_float_array(x: object, name: str = "input") -> NDArray[Any]:
     """x as an ndarray of a data dtype cpubn computes in (float32, float64, float16, or
     bfloat16 from ml_dtypes) in native byte order (no copy when it already is)."""
     if type(x) is np.ndarray and (x.dtype is _FLOAT32 or x.dtype is _FLOAT64):
         return x                          # the common case, decided by identity checks
-    if isinstance(x, np.ma.MaskedArray):
+    if is_masked(x):
         raise TypeError(f"{name} is a masked array: cpubn would ignore its mask; pass "
                         f"x.filled(value) or x.compressed() data as a plain ndarray")
     if isinstance(x, np.ndarray):
@@ -172,7 +179,7 @@ def check_out(out: object, x: NDArray[Any], name: str = "out", may_alias: NamedA
         raise TypeError(f"{name} has dtype {out.dtype}, expected {x.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if isinstance(out, np.ma.MaskedArray):
+    if is_masked(out):
         raise TypeError(f"{name} is a masked array; pass a plain ndarray")
     if _self_overlapping(out):
         raise ValueError(f"{name} has overlapping elements (strides {out.strides}, e.g. a "
@@ -230,7 +237,7 @@ def check_channel_array(values: object, num_features: int,
     if (type(values) is np.ndarray and values.shape == (num_features,)
             and values.dtype.kind == "f"):
         return values                    # the common case: no conversion, nothing to say
-    if isinstance(values, np.ma.MaskedArray):
+    if is_masked(values):
         raise TypeError(f"{name} is a masked array; pass a plain ndarray")
     array = np.asarray(values)
     if array.dtype.kind != "f":
@@ -251,7 +258,7 @@ def check_state_array(array: object, num_features: int, name: str) -> NDArray[An
     if (type(array) is np.ndarray and array.shape == (num_features,)
             and array.dtype.kind == "f" and array.flags.writeable):
         return array                     # the common case
-    if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
+    if not isinstance(array, np.ndarray) or is_masked(array):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got "
                         f"{type(array).__name__}")
     if array.dtype.kind != "f":
