@@ -94,7 +94,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 17
 # An eval forward is one light pass over the data (a multiply-add per element), so the
 # fork and join weigh more against its work: it runs on one thread below this many
 # times PARALLEL_MIN_ELEMENTS.
-EVAL_PARALLEL_FACTOR = 2
+EVAL_PARALLEL_FACTOR = 1.5
 
 # After a parallel call, its team's workers spin (SPIN_COUNT) and count as running tasks
 # in the machine's run queue, where they would look like a busy neighbour to the next
@@ -185,7 +185,7 @@ def _is_automatic() -> bool:
 
 def threads_for(n_elements: int, light: bool = False) -> int:
     """Threads for one kernel call over n_elements: 1 below the parallel threshold
-    (EVAL_PARALLEL_FACTOR times higher for a `light` call: an eval forward).
+    (EVAL_PARALLEL_FACTOR times as many for a `light` call: an eval forward).
 
     In automatic mode a call also uses no more threads than there are idle CPUs at that
     moment (at least one): a team member that has to wait for a core busy with another

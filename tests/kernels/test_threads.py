@@ -268,8 +268,8 @@ def test_eval_calls_parallelize_from_a_larger_size(monkeypatch):
     with cpubn.threads(2):
         assert thread_control.threads_for(big) == 2
         assert thread_control.threads_for(big, light=True) == 1
-        assert thread_control.threads_for(factor * big - 1, light=True) == 1
-        assert thread_control.threads_for(factor * big, light=True) == 2
+        assert thread_control.threads_for(int(factor * big) - 1, light=True) == 1
+        assert thread_control.threads_for(int(factor * big), light=True) == 2
 
 
 def test_own_spinning_workers_are_not_taken_for_neighbours(monkeypatch):
