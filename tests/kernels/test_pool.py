@@ -37,7 +37,7 @@ def test_a_dropped_result_is_reused_and_correct(rng):
     assert_close(y2, expected, np.float64)
 
 
-@pytest.mark.parametrize("shape", [(64, 256), (256, 1024), (1024, 1024)])   # 64 KiB - 4 MiB
+@pytest.mark.parametrize("shape", [(64, 256), (256, 1024), (1024, 1024)])  # from the threshold up
 def test_mid_sized_results_come_from_the_pool(rng, shape):
     """From 64 KiB (an MLP's activations) a result reuses mapped memory: a fresh
     allocation of that size pays a page fault per page, as much as the kernel's work."""

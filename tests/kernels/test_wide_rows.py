@@ -113,7 +113,7 @@ def test_wide_rows_thread_count_invariant(rng, C, dtype):
 
 
 # Wide rows take blocks of up to 64 rows (partition.pxd: MIN_BLOCK_ROWS, WIDE_BLOCK_ELEMS):
-# several blocks, a partial last one, and rows wider than the 1 MiB limit.
+# several blocks, a partial last one, and rows too wide for 64 rows a block.
 TALL_BLOCKS = [((200, 2500), np.float32), ((150, 4100), np.float32),
                ((100, 1500), np.float64), ((70, 9000), np.float32)]
 

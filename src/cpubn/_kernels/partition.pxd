@@ -24,7 +24,7 @@ cdef enum:
     # taller blocks, below).
     ROW_BLOCK_ELEMS = 65536
     # Wide rows (C > 1024): a block still holds MIN_BLOCK_ROWS rows, as long as that is at
-    # most WIDE_BLOCK_ELEMS elements (1 MiB of float32).  A block's partials are two
+    # most WIDE_BLOCK_ELEMS elements (four times ROW_BLOCK_ELEMS).  A block's partials are two
     # doubles per channel: blocks of 16 rows of 4096 channels made them a quarter of the
     # data's size again, and their combine cost more than the taller blocks' reads.
     MIN_BLOCK_ROWS = 64
