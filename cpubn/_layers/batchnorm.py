@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .._core import dispatch, foreign
-from .._kernels.arrays import first_bounds_overlap, params_unchanged
+from .._kernels.arrays import out_still_fits, params_unchanged
 from .._core.layout import Layout, plan
 from .._core.validation import (check_activation, check_axis, check_batch_stats_possible,
                                 check_bool, check_channel_array, check_data, check_eps, check_like,
@@ -356,13 +356,9 @@ class BatchNorm:
         check covers them).  Any doubt, a residual or a bounds hit, runs check_out."""
         cached = self._checked_out
         if (residual is None and cached is not None and cached[0]() is out
-                and type(out) is np.ndarray and out.shape == x.shape == cached[1]
-                and out.strides == cached[2] and out.dtype is cached[3]
-                and x.dtype is cached[3] and cached[4] is self._checked_params
-                and out.flags.writeable
-                and first_bounds_overlap(out, ((x, "the input"),
-                                               (self.grad_weight, "grad_weight"),
-                                               (self.grad_bias, "grad_bias"))) < 0):
+                and type(out) is np.ndarray and cached[4] is self._checked_params
+                and out_still_fits(out, x, cached[1], cached[2], cached[3], self.grad_weight,
+                                   self.grad_bias)):
             return out, False
         checked = check_out(out, x, may_alias=((x, "the input"),),
                             must_not_overlap=self._per_channel_arrays()

@@ -69,3 +69,42 @@ def params_unchanged(tuple current, tuple known, Py_ssize_t length, object dtype
             return False
     return True
 
+
+
+cdef inline bint bounds_meet(Py_ssize_t out_low, Py_ssize_t out_high, object other) noexcept:
+    # Whether other (an ndarray, else skipped) has an extent that meets [out_low, out_high).
+    cdef Py_ssize_t low, high
+    if not isinstance(other, cnp.ndarray):
+        return False
+    byte_bounds(<cnp.ndarray>other, &low, &high)
+    return low < out_high and out_low < high and low < high
+
+
+def out_still_fits(object out, cnp.ndarray x, tuple shape, tuple strides, object dtype,
+                   object grad_weight, object grad_bias):
+    """For a forward's `out` already checked once: True when out is still a plain,
+    writeable ndarray of `shape`, `strides` and exactly `dtype`, x has that shape and
+    dtype, and out's extent meets neither x's nor grad_weight's nor grad_bias's (None or
+    non-arrays are skipped).  One call for the facts the caller must see again on every
+    call with the same out (cpubn._layers.batchnorm: _check_forward_out)."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t out_low, out_high, k, ndim
+    if type(out) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>out
+    ndim = cnp.PyArray_NDIM(a)
+    if (ndim != len(shape) or cnp.PyArray_NDIM(x) != ndim
+            or <object>cnp.PyArray_DESCR(a) is not dtype
+            or <object>cnp.PyArray_DESCR(x) is not dtype
+            or not cnp.PyArray_ISWRITEABLE(a)):
+        return False
+    for k in range(ndim):
+        if (cnp.PyArray_DIM(a, k) != <Py_ssize_t>shape[k]
+                or cnp.PyArray_DIM(x, k) != <Py_ssize_t>shape[k]
+                or cnp.PyArray_STRIDE(a, k) != <Py_ssize_t>strides[k]):
+            return False
+    byte_bounds(a, &out_low, &out_high)
+    if out_low == out_high:
+        return True
+    return not (bounds_meet(out_low, out_high, x) or bounds_meet(out_low, out_high, grad_weight)
+                or bounds_meet(out_low, out_high, grad_bias))
