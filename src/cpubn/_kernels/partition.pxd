@@ -77,7 +77,15 @@ cdef inline Py_ssize_t channels_per_block(Py_ssize_t S) noexcept nogil:
     return MAX_CHANNEL_BLOCK if channels > MAX_CHANNEL_BLOCK else channels
 
 
+cdef inline Py_ssize_t rows_per_pass_block(Py_ssize_t C) noexcept nogil:
+    # The element-wise passes over channels-last rows (normalization, dx) take blocks of
+    # about ROW_BLOCK_ELEMS elements whatever C: they keep no partials, so the taller
+    # blocks of wide rows would only leave threads without work.
+    return ROW_BLOCK_ELEMS // C if C < ROW_BLOCK_ELEMS else 1
+
+
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t C) noexcept nogil:
+    # The reductions' row blocks (statistics, gradient sums).
     cdef Py_ssize_t rows = ROW_BLOCK_ELEMS // C if C < ROW_BLOCK_ELEMS else 1
     cdef Py_ssize_t wide_rows
     if rows < MIN_BLOCK_ROWS:                   # wide rows: taller blocks, up to a limit
