@@ -5,7 +5,7 @@ One benchmark group per (shape, layout, op), holding the copy roofline, cpubn
 runs on one thread anyway). The peers are the ones of ``python -m cpubn bench``
 (``cpubn.bench.peers.build_peers``). No timing is asserted: compare the group tables.
 
-    pytest benchmarks                              # timed, ~3 min on 2 cores
+    pytest benchmarks                              # timed, a few minutes on 2 cores
     pytest benchmarks --benchmark-disable          # each function once, seconds
     pytest benchmarks -k "nhwc and train" --benchmark-columns=median,ops
 """
@@ -16,10 +16,12 @@ import pytest
 from cpubn._core.machine import usable_cpus
 from cpubn.bench.harness import bytes_moved, layout_shape, layouts_for, ops_for, shape_label
 
-# A representative subset of the command's shape set (NCHW notation): a ResNet
-# stage, the deep low-resolution stage that favours row-streaming kernels, and a
-# fully connected (N, C) input.
-SHAPES = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024))
+# A representative subset of the command's shape sets (NCHW notation): a ResNet
+# stage, the deep low-resolution stage that favours row-streaming kernels, and three
+# fully connected (N, C) inputs of the MLP grid (bench --mlp): few rows of many
+# features, a mid-sized batch, a large one.
+SHAPES = ((32, 64, 56, 56), (32, 2048, 7, 7), (256, 1024), (64, 4096), (1024, 1024),
+          (4096, 512))
 
 
 THREADS = tuple(dict.fromkeys((1, usable_cpus())))
