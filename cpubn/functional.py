@@ -92,7 +92,8 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
         y, saved = dispatch.forward(data, feature_axis, weights, biases, eps, out,
                                      running_mean, running_var, residual=residual_array,
                                      relu=relu)
-    return y, saved.mean, saved.invstd
+    stats = saved.stats                 # mean, invstd(, batch variance) back to back
+    return y, stats[:channels], stats[channels:2 * channels]
 
 
 def _forward_empty_batch(data: NDArray[Any], channels: int, out: NDArray[Any] | None,

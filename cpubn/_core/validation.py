@@ -92,6 +92,8 @@ def check_axis(axis: object) -> int:
 
 def check_bool(value: object, name: str) -> bool:
     """A flag that must be a real bool (training="no" must not mean True)."""
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
@@ -250,6 +252,7 @@ def check_channel_array(values: object, num_features: int,
 # The smallest eps accepted.  Below about 1e-77, 1 / sqrt(eps) overflows float32, and a
 # constant channel computed in float32 would give 0 * inf = NaN instead of exactly bias.
 EPS_MIN = 1e-70
+_INF = float("inf")
 
 
 def check_state_array(array: object, num_features: int, name: str) -> NDArray[Any]:
@@ -271,6 +274,8 @@ def check_state_array(array: object, num_features: int, name: str) -> NDArray[An
 
 
 def check_eps(eps: object) -> float:
+    if type(eps) is float and EPS_MIN <= eps < _INF:
+        return eps                       # the common case
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps must be a positive float, got {eps!r}")
     value = float(eps)
@@ -285,6 +290,8 @@ def check_momentum(momentum: object, allow_none: bool = True) -> float | None:
         if allow_none:
             return None
         raise TypeError("momentum must be a float in [0, 1], got None")
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum                  # the common case
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating,
                                                                np.integer)):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
