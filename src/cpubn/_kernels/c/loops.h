@@ -406,13 +406,6 @@ CPUBN_INLINE void rows_grad_pivot_correction(ptrdiff_t C, const double *mean,
         sum_dy_xmu[c] -= (mean[c] - (double)pivot[c]) * sum_dy[c];
 }
 
-/* The channels-last case: a group of n rows of C channels, row r at x + r * C. */
-CPUBN_INLINE void row_group_pivot_sums(int kind, const float *x, ptrdiff_t n, ptrdiff_t C,
-                                       const float *pivot, double *acc, double *acc_sq)
-{
-    strided_group_pivot_sums(kind, x, NULL, C, n, C, pivot, acc, acc_sq);
-}
-
 /* The float32 and float64 loops (generated from loops_float.h.tp). */
 #include "loops_float.h"
 
